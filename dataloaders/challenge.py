@@ -1,0 +1,285 @@
+"""The challenge files on disk -> NumPy arrays (SPEC §2.1, §3, §9).
+
+A data folder holds `train-images/` (or `train-images.zip`), optionally `test-images/` (or its
+zip), the training labels `y_train.csv` (shipped as `label_Hnl61pT.csv`), and optionally
+`annotated_labels.json`, `y_test.csv` (phantom only) and `classes.yaml`. Images are decoded
+once and cached as a `.npy` beside the folder or zip, keyed on the files' names, sizes and
+modification times; later runs memory-map the cache.
+"""
+import hashlib
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from dataloaders.label_csv import load_label_masks
+from utils.errors import InputError
+
+LABEL_FILES = ("y_train.csv", "label_Hnl61pT.csv")
+
+
+@dataclass
+class ChallengeData:
+    """Everything a script needs from a data folder. Arrays are `(N, H, W) uint8`."""
+    root: Path
+    train_images: np.ndarray
+    train_masks: np.ndarray
+    train_names: list
+    annotated: np.ndarray               # (N, num_classes) bool: ids annotated on each image
+    test_images: np.ndarray | None
+    test_names: list
+    test_masks: np.ndarray | None       # full test labels (phantom's y_test.csv) or None
+    num_classes: int
+    class_names: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self):
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def labeled_indices(self):
+        """Training images with a non-empty mask, in file order."""
+        return np.flatnonzero(self.train_masks.reshape(len(self.train_masks), -1).any(axis=1))
+
+    @property
+    def unlabeled_indices(self):
+        return np.setdiff1d(np.arange(len(self.train_masks)), self.labeled_indices)
+
+
+def image_sort_key(name):
+    """Numerical order of `12.png`-style names (`10.png` after `9.png`); other names after."""
+    stem = name.rsplit(".", 1)[0]
+    return (0, int(stem), name) if stem.isdigit() else (1, 0, name)
+
+
+def has_challenge_files(root):
+    root = Path(root)
+    return (root / "train-images").is_dir() or (root / "train-images.zip").is_file()
+
+
+def _png_sources(root, split):
+    """[(name, reader)] of the PNGs of `split` ('train' or 'test'), or None if absent."""
+    folder, archive = root / f"{split}-images", root / f"{split}-images.zip"
+    if folder.is_dir():
+        files = [path for path in folder.iterdir() if not path.name.startswith(".")]
+        for path in files:
+            if path.suffix.lower() != ".png" or not path.is_file():
+                raise InputError(f"{path}: not a PNG image (the folder must hold only .png files)")
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        return {p.name: p.read_bytes for p in files}, stamp, folder
+    if archive.is_file():
+        try:
+            handle = zipfile.ZipFile(archive)
+        except zipfile.BadZipFile:
+            raise InputError(f"{archive}: not a readable zip file") from None
+        members = {}
+        for info in handle.infolist():
+            name = Path(info.filename).name
+            if info.is_dir() or "__MACOSX" in info.filename or name.startswith("."):
+                continue
+            if not name.lower().endswith(".png"):
+                raise InputError(f"{archive}: member {info.filename} is not a PNG image")
+            members[name] = (lambda member=info.filename: handle.read(member))
+        stat = archive.stat()
+        return members, [(archive.name, stat.st_size, stat.st_mtime_ns)], archive
+    return None
+
+
+def _decode_png(raw, where):
+    image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise InputError(f"{where}: unreadable PNG")
+    if image.ndim == 3:
+        if image.shape[2] == 4:
+            image = image[:, :, :3]
+        if not (np.array_equal(image[:, :, 0], image[:, :, 1])
+                and np.array_equal(image[:, :, 0], image[:, :, 2])):
+            raise InputError(f"{where}: colour image; expected 8-bit grayscale CT")
+        image = image[:, :, 0]
+    if image.dtype != np.uint8:
+        raise InputError(f"{where}: {image.dtype} pixels; expected 8-bit grayscale")
+    return image
+
+
+def load_images(root, split):
+    """Decode (or memory-map from the cache) the PNGs of `split` in numerical name order.
+
+    Returns `(images (N,H,W) uint8, names)` or `(None, [])` when the split is absent.
+    """
+    found = _png_sources(Path(root), split)
+    if found is None:
+        return None, []
+    readers, stamp, source = found
+    if not readers:
+        raise InputError(f"{source}: no PNG images")
+    names = sorted(readers, key=image_sort_key)
+    key = hashlib.sha1(json.dumps(sorted(stamp)).encode()).hexdigest()[:16]
+    cache = source.parent / f".{source.name}.{key}.cache.npy"
+    if cache.is_file():
+        images = np.load(cache, mmap_mode="r")
+        if len(images) == len(names):
+            return images, names
+    first = _decode_png(readers[names[0]](), source / names[0])
+    images = np.empty((len(names),) + first.shape, np.uint8)
+    images[0] = first
+    for i, name in enumerate(names[1:], start=1):
+        image = _decode_png(readers[name](), source / name)
+        if image.shape != first.shape:
+            raise InputError(f"{source / name}: size {image.shape[1]}x{image.shape[0]} differs "
+                             f"from {names[0]} ({first.shape[1]}x{first.shape[0]}); "
+                             "all images must have one size")
+        images[i] = image
+    _write_cache(cache, images, source)
+    return images, names
+
+
+def _write_cache(cache, array, source):
+    """Atomically save `array` as `cache`, removing older caches of the same source."""
+    try:
+        for old in cache.parent.glob(f".{source.name}.*.cache.npy"):
+            old.unlink()
+        temporary = cache.with_name(cache.name + ".tmp")
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temporary, cache)
+    except OSError:
+        pass  # a read-only data folder just means no cache
+
+
+def _read_classes(root):
+    path = root / "classes.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        classes = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise InputError(f"{path}: not valid YAML") from None
+    if not isinstance(classes, dict) or not all(isinstance(k, int) and k >= 0 for k in classes):
+        raise InputError(f"{path}: expected 'id: name' lines with integer ids")
+    return {int(k): str(v) for k, v in classes.items()}
+
+
+def _read_annotated(root, masks, num_classes):
+    """(N, C) bool: the ids annotated on each image (JSON list, else the ids present)."""
+    present = np.stack([np.bincount(mask.ravel(), minlength=num_classes)[:num_classes] > 0
+                        for mask in masks]) if len(masks) else np.zeros((0, num_classes), bool)
+    path = root / "annotated_labels.json"
+    if path.is_file():
+        try:
+            lists = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(lists, list) or len(lists) != len(masks):
+            raise InputError(f"{path}: expected a list of {len(masks)} lists of structure ids "
+                             f"(one per training image)")
+        for i, ids in enumerate(lists):
+            bad = [v for v in ids if not isinstance(v, int) or not 0 <= v < num_classes]
+            if bad:
+                raise InputError(f"{path}: image {i} lists ids {bad} outside 0..{num_classes - 1}")
+            present[i, ids] = True
+    present[:, 0] = False
+    return present
+
+
+def _read_masks(path, image_names, image_size, kind):
+    masks, names = load_label_masks(path)
+    if tuple(masks.shape[1:]) != tuple(image_size):
+        raise InputError(f"{path}: {masks.shape[1] * masks.shape[2]} pixel rows but the "
+                         f"{kind} images are {image_size[1]}x{image_size[0]}")
+    missing = sorted(set(image_names) - set(names), key=image_sort_key)
+    extra = sorted(set(names) - set(image_names), key=image_sort_key)
+    if missing or extra:
+        what = [f"no column for {', '.join(missing[:3])}" * bool(missing),
+                f"columns {', '.join(extra[:3])} match no {kind} image" * bool(extra)]
+        raise InputError(f"{path}: columns do not match the {kind} images "
+                         f"({'; '.join(w for w in what if w)})")
+    order = {name: i for i, name in enumerate(names)}
+    return masks, [order[name] for name in image_names]
+
+
+def load_challenge(root, num_classes=55):
+    """Load a challenge (or phantom) data folder; see `ChallengeData`. Errors name the file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: data folder not found")
+    train_images, image_names = load_images(root, "train")
+    if train_images is None:
+        raise InputError(f"{root}: no train-images/ folder or train-images.zip")
+    label_path = next((root / n for n in LABEL_FILES if (root / n).is_file()), None)
+    if label_path is None:
+        raise InputError(f"{root}: no training labels ({' or '.join(LABEL_FILES)})")
+    masks, columns = _read_masks(label_path, image_names, train_images.shape[1:], "training")
+    # Keep the CSV's column order (the challenge's) and put the images in that order.
+    if columns != sorted(columns):
+        by_column = np.argsort(columns)
+        train_images = train_images[by_column]
+        image_names = [image_names[i] for i in by_column]
+    class_names = _read_classes(root)
+    if class_names:
+        num_classes = max(class_names) + 1
+    if masks.size and int(masks.max()) >= num_classes:
+        raise InputError(f"{label_path}: label {int(masks.max())} is not below num_classes "
+                         f"{num_classes}")
+
+    test_images, test_names = load_images(root, "test")
+    test_masks = None
+    if test_images is not None and tuple(test_images.shape[1:]) != tuple(train_images.shape[1:]):
+        raise InputError(f"{root / 'test-images'}: test images are {test_images.shape[2]}x"
+                         f"{test_images.shape[1]}, training images "
+                         f"{train_images.shape[2]}x{train_images.shape[1]}")
+    if test_images is not None and (root / "y_test.csv").is_file():
+        test_label, test_columns = _read_masks(root / "y_test.csv", test_names,
+                                               test_images.shape[1:], "test")
+        test_masks = test_label[test_columns]
+
+    return ChallengeData(
+        root=root, train_images=train_images, train_masks=masks, train_names=image_names,
+        annotated=_read_annotated(root, masks, num_classes), test_images=test_images,
+        test_names=test_names, test_masks=test_masks, num_classes=num_classes,
+        class_names=class_names)
+
+
+@dataclass
+class Split:
+    """Indices into the training images: labeled train / validation / unlabeled pool."""
+    train: np.ndarray
+    val: np.ndarray
+    unlabeled: np.ndarray
+
+
+def make_split(data, labeled_ratio, num_labeled=0, split_seed=0):
+    """A pure function of (data, ratio, num_labeled, seed), so test.py can rebuild it.
+
+    The labeled images are shuffled with `split_seed`; the first `labeled_ratio` of them train
+    and the rest validate. With `num_labeled = K > 0`, only the first K of the training share
+    train, and the others join the unlabeled pool (their labels unused): validation stays the
+    same for every K, so few-label runs compare on the same images.
+    """
+    if not 0 < labeled_ratio < 1:
+        raise InputError(f"labeled_ratio: {labeled_ratio} is not between 0 and 1 (exclusive)")
+    labeled = data.labeled_indices
+    if len(labeled) == 0:
+        raise InputError(f"{data.root}: no labeled images (every training mask is empty)")
+    shuffled = np.random.default_rng(split_seed).permutation(labeled)
+    n_train = min(max(1, int(round(labeled_ratio * len(labeled)))), len(labeled) - 1)
+    if len(labeled) < 2:
+        raise InputError(f"{data.root}: only one labeled image; need two (train + validation)")
+    train, val = shuffled[:n_train], shuffled[n_train:]
+    unlabeled = data.unlabeled_indices
+    if num_labeled:
+        if not 0 < num_labeled <= len(train):
+            raise InputError(f"num_labeled: {num_labeled} is not between 1 and {len(train)} "
+                             f"(the labeled training images at labeled_ratio {labeled_ratio})")
+        unlabeled = np.sort(np.concatenate([unlabeled, train[num_labeled:]]))
+        train = train[:num_labeled]
+    return Split(train=np.sort(train), val=np.sort(val), unlabeled=unlabeled)
+
+
+def split_summary(split):
+    return (f"{len(split.train)} labeled for training, {len(split.val)} for validation, "
+            f"{len(split.unlabeled)} unlabeled")

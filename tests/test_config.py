@@ -1,0 +1,68 @@
+"""Config: YAML < method YAML < --config < flags < --set; unknown keys and wrong types fail."""
+import pytest
+import yaml
+
+from utils.config import config_to_yaml, load_config
+from utils.errors import InputError
+
+
+def test_defaults_come_from_the_yaml_chain():
+    cfg = load_config("unimatch", [])
+    assert cfg.conf_thresh == 0.95          # unimatch.yaml
+    assert cfg.lr == 0.001                  # default.yaml through `base:`
+    assert cfg.loss == "dice_ce"            # unimatch.yaml overrides default.yaml's dice
+
+
+def test_precedence_yaml_config_flag_set(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("lr: 0.5\nbatch_size: 3\nseed: 7\n")
+    cfg = load_config("supervised", ["--config", str(extra), "--lr", "0.25",
+                                     "--set", "seed=9", "--set", "model_kwargs.attunet.base=8"])
+    assert cfg.batch_size == 3              # --config over the YAML default (8)
+    assert cfg.lr == 0.25                   # flag over --config
+    assert cfg.seed == 9                    # --set over --config
+    assert cfg.model_kwargs["attunet"] == {"base": 8, "dropout": 0.0}   # nested merge keeps siblings
+
+
+def test_values_are_parsed_as_yaml():
+    cfg = load_config("supervised", ["--labeled_ratio", "0.8", "--aug_scale", "[0.9, 1.1]",
+                                     "--partial_labels", "false"])
+    assert cfg.labeled_ratio == 0.8 and isinstance(cfg.labeled_ratio, float)
+    assert cfg.aug_scale == [0.9, 1.1]
+    assert cfg.partial_labels is False
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="unknown config key 'no_such_key'"):
+        load_config("supervised", ["--set", "no_such_key=1"])
+    extra = tmp_path / "bad.yaml"
+    extra.write_text("learning_rate: 0.1\n")
+    with pytest.raises(InputError, match="bad.yaml: unknown config key 'learning_rate'"):
+        load_config("supervised", ["--config", str(extra)])
+
+
+def test_unknown_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config("supervised", ["--learning_rate", "0.1"])
+    assert exit_info.value.code == 2
+
+
+def test_type_mismatch_is_an_error():
+    with pytest.raises(InputError, match="'batch_size' must be of type int"):
+        load_config("supervised", ["--batch_size", "big"])
+    cfg = load_config("supervised", ["--lr", "1"])      # an int may stand for a float
+    assert cfg.lr == 1
+
+
+def test_preset_sits_below_user_overrides(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("epochs: 3\nlr: 0.01\n")
+    cfg = load_config("supervised", ["--lr", "0.2"], preset=lambda c: preset)
+    assert cfg.epochs == 3 and cfg.lr == 0.2
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = load_config("supervised", ["--seed", "5"])
+    text = config_to_yaml(cfg)
+    assert yaml.safe_load(text)["seed"] == 5
+    assert "_overrides" not in text

@@ -1,0 +1,450 @@
+"""Tests for utils/losses.py: hand-computed values, slow loop references, ignore masks, partial labels."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from utils.errors import InputError
+from utils.losses import (
+    IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, build_loss, build_stream_loss, cross_entropy,
+    dice_loss, exclusion_loss, marginal_cross_entropy, marginal_dice_loss, mse_consistency)
+
+B, C, H, W = 2, 4, 5, 6
+
+
+def random_batch(seed=0, dtype=torch.float64):
+    """Random logits/target/ignore/annotated; class 2 is absent and unannotated on image 0, class 3 on image 1."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, C, H, W, generator=generator, dtype=torch.float64).to(dtype)
+    target = torch.randint(0, C, (B, H, W), generator=generator)
+    ignore = torch.rand(B, H, W, generator=generator) < 0.3
+    annotated = torch.rand(B, C, generator=generator) < 0.5
+    for image, absent_class in ((0, 2), (1, 3)):
+        target[image][target[image] == absent_class] = 0
+        annotated[image, absent_class] = False
+    return logits, target, ignore, annotated
+
+
+def tvmf_with_kappa(kappa, partial_labels=False):
+    loss = TvMFDiceLoss(len(kappa), partial_labels=partial_labels)
+    loss.kappa.copy_(torch.as_tensor(kappa, dtype=torch.float32))
+    return loss
+
+
+# ----------------------------------------------------------------- slow references (loops, probabilities)
+def slow_probs(logits):
+    exp = logits.exp()
+    return exp / exp.sum(1, keepdim=True)
+
+
+def slow_cosines(probs, target, valid):
+    """cos per class between the batch-wide probability map and one-hot target, by an explicit loop."""
+    cosines = []
+    for c in range(probs.shape[1]):
+        p = probs[:, c][valid]
+        t = (target[valid] == c).to(p.dtype)
+        denominator = p.norm() * t.norm()
+        cosines.append(float((p * t).sum() / denominator) if denominator > 0 else 0.0)
+    return cosines
+
+
+def slow_annotated(target, annotated, valid):
+    result = annotated.clone()
+    for b in range(target.shape[0]):
+        for label in target[b][valid[b]].unique().tolist():
+            result[b, label] = True
+        result[b, 0] = True
+    return result
+
+
+def slow_merged(probs, annotated):
+    merged = probs.clone()
+    for b in range(probs.shape[0]):
+        for c in range(1, probs.shape[1]):
+            if not annotated[b, c]:
+                merged[b, 0] += probs[b, c]
+                merged[b, c] = 0
+    return merged
+
+
+# ----------------------------------------------------------------- closed-form values
+def test_perfect_prediction_gives_zero():
+    target = torch.tensor([[[0, 1], [2, 3]], [[3, 2], [1, 0]]])
+    logits = 60.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).double()
+    for value in (dice_loss(logits, target), dice_loss(logits, target, include_background=True, squared=True),
+                  cross_entropy(logits, target), marginal_cross_entropy(logits, target),
+                  marginal_dice_loss(logits, target), tvmf_with_kappa([0.0] * 4)(logits, target),
+                  tvmf_with_kappa([32.0] * 4)(logits, target), exclusion_loss(logits, target),
+                  mse_consistency(logits.softmax(1), logits.softmax(1))):
+        assert float(value) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_uniform_prediction_hand_values():
+    # 1 image of 4 pixels, 2 classes, uniform probabilities 1/2; target has 1 background, 3 class-1 pixels.
+    logits = torch.zeros(1, 2, 1, 4, dtype=torch.float64)
+    target = torch.tensor([[[0, 1, 1, 1]]])
+    # class 1: Σpt = 3/2, Σp = 2, Σt = 3 -> Dice 3/5; Σp² = 1 -> squared Dice 3/4.
+    assert float(dice_loss(logits, target, smooth=0)) == pytest.approx(0.4)
+    assert float(dice_loss(logits, target, squared=True, smooth=0)) == pytest.approx(0.25)
+    # background: Σpt = 1/2, Σp = 2, Σt = 1 -> Dice 1/3; mean of losses 2/5 and 2/3.
+    assert float(dice_loss(logits, target, include_background=True, smooth=0)) == pytest.approx((0.4 + 2 / 3) / 2)
+    assert float(cross_entropy(logits, target)) == pytest.approx(math.log(2))
+    # t-vMF: normalised uniform map = 1/2 per pixel, one-hot = 1/sqrt(n): cos_0 = 1/2, cos_1 = sqrt(3)/2.
+    cos0, cos1 = 0.5, math.sqrt(3) / 2
+    assert float(tvmf_with_kappa([0.0, 0.0])(logits, target)) == pytest.approx(((1 - cos0) ** 2 + (1 - cos1) ** 2) / 2)
+    # κ = (16, 8): φ_0 = 1.5/9 − 1 = −5/6, φ_1 = (1 + cos1)/(1 + 8(1 − cos1)) − 1.
+    phi1 = (1 + cos1) / (1 + 8 * (1 - cos1)) - 1
+    expected = ((1 + 5 / 6) ** 2 + (1 - phi1) ** 2) / 2
+    assert float(tvmf_with_kappa([16.0, 8.0])(logits, target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_mse_consistency_hand_value_and_mask():
+    p = torch.tensor([[[[0.2, 0.6]], [[0.8, 0.4]]]])  # [1,2,1,2]
+    q = torch.tensor([[[[0.5, 0.6]], [[0.5, 0.4]]]])
+    assert float(mse_consistency(p, q)) == pytest.approx((0.09 + 0 + 0.09 + 0) / 4)
+    assert float(mse_consistency(p, q, torch.tensor([[[True, False]]]))) == pytest.approx(0.09)
+    assert float(mse_consistency(p, q, torch.tensor([[[False, True]]]))) == 0.0
+    empty = mse_consistency(p.requires_grad_(), q, torch.zeros(1, 1, 2, dtype=torch.bool))
+    empty.backward()
+    assert empty.item() == 0.0 and torch.all(p.grad == 0)
+
+
+# 2 pixels, 3 classes: pixel A labelled 0 with probabilities (.2, .5, .3), pixel B labelled 1 with (.1, .7, .2);
+# class 2 is not annotated on the image.
+PARTIAL_PROBS = torch.tensor([[0.2, 0.1], [0.5, 0.7], [0.3, 0.2]], dtype=torch.float64)
+PARTIAL_LOGITS = PARTIAL_PROBS.log()[None, :, None, :]
+PARTIAL_TARGET = torch.tensor([[[0, 1]]])
+PARTIAL_ANNOTATED = torch.tensor([[True, True, False]])
+
+
+def test_marginal_losses_hand_values():
+    logits, target, annotated = PARTIAL_LOGITS, PARTIAL_TARGET, PARTIAL_ANNOTATED
+    # pixel A may be background or class 2: likelihood .2 + .3.
+    assert float(marginal_cross_entropy(logits, target, annotated)) == pytest.approx(-(math.log(0.5) + math.log(0.7)) / 2)
+    assert float(cross_entropy(logits, target)) == pytest.approx(-(math.log(0.2) + math.log(0.7)) / 2)
+    # class 1 only (class 2 unannotated): p = (.5, .7), t = (0, 1) -> Dice 1.4 / 2.2.
+    assert float(marginal_dice_loss(logits, target, annotated, smooth=0)) == pytest.approx(1 - 1.4 / 2.2)
+    # merged background (.5, .3) vs (1, 0) -> Dice 1 / 1.8.
+    assert float(marginal_dice_loss(logits, target, annotated, include_background=True, smooth=0)) == \
+        pytest.approx(((1 - 1.4 / 2.2) + (1 - 1 / 1.8)) / 2)
+    # class 2 inside the annotated foreground {B}: 2·.2 / (.5 + 1).
+    assert float(exclusion_loss(logits, target, annotated, smooth=0)) == pytest.approx(0.4 / 1.5)
+    # without `annotated`, the present classes (0, 1) are the annotated ones: same as above here.
+    assert float(marginal_cross_entropy(logits, target)) == pytest.approx(-(math.log(0.5) + math.log(0.7)) / 2)
+
+
+# ----------------------------------------------------------------- agreement with slow loop references
+@pytest.mark.parametrize("include_background", [False, True])
+@pytest.mark.parametrize("squared", [False, True])
+def test_dice_matches_loop_reference(include_background, squared):
+    logits, target, ignore, _ = random_batch(1)
+    probs, valid = slow_probs(logits), ~ignore
+    losses = []
+    for c in range(0 if include_background else 1, C):
+        p, t = probs[:, c][valid], (target[valid] == c).double()
+        power = 2 if squared else 1
+        losses.append(1 - (2 * (p * t).sum() + 1e-5) / ((p ** power).sum() + (t ** power).sum() + 1e-5))
+    expected = float(sum(losses) / len(losses))
+    value = dice_loss(logits, target, ignore, include_background=include_background, squared=squared)
+    assert float(value) == pytest.approx(expected, rel=1e-10)
+
+
+def test_tvmf_matches_loop_reference_and_kappa_zero_is_squared_cosine():
+    logits, target, ignore, _ = random_batch(2)
+    cosines = slow_cosines(slow_probs(logits), target, ~ignore)
+    assert float(tvmf_with_kappa([0.0] * C)(logits, target, ignore)) == \
+        pytest.approx(sum((1 - cos) ** 2 for cos in cosines) / C, rel=1e-6)
+    kappa = [0.5, 3.0, 10.0, 32.0]
+    phis = [(1 + cos) / (1 + k * (1 - cos)) - 1 for cos, k in zip(cosines, kappa)]
+    assert float(tvmf_with_kappa(kappa)(logits, target, ignore)) == \
+        pytest.approx(sum((1 - phi) ** 2 for phi in phis) / C, rel=1e-6)
+
+
+def test_marginal_losses_match_loop_references():
+    logits, target, ignore, annotated = random_batch(3)
+    probs, valid = slow_probs(logits), ~ignore
+    effective = slow_annotated(target, annotated, valid)
+    merged = slow_merged(probs, effective)
+    nll = [-math.log(float(merged[b, target[b, i, j], i, j]))
+           for b in range(B) for i in range(H) for j in range(W) if valid[b, i, j]]
+    assert float(marginal_cross_entropy(logits, target, annotated, ignore)) == pytest.approx(sum(nll) / len(nll))
+
+    pair_losses, exclusion_pairs = [], []
+    for b in range(B):
+        foreground = ((target[b] > 0) & valid[b]).double()
+        for c in range(1, C):
+            p = merged[b, c][valid[b]]
+            t = (target[b][valid[b]] == c).double()
+            if effective[b, c]:
+                pair_losses.append(1 - (2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5))
+            elif foreground.sum() > 0:
+                q = probs[b, c] * valid[b]
+                exclusion_pairs.append((2 * (q * foreground).sum() + 1e-5) / (q.sum() + foreground.sum() + 1e-5))
+    assert float(marginal_dice_loss(logits, target, annotated, ignore)) == \
+        pytest.approx(float(sum(pair_losses) / len(pair_losses)), rel=1e-10)
+    assert exclusion_pairs, "the fixture should have unannotated classes"
+    assert float(exclusion_loss(logits, target, annotated, ignore)) == \
+        pytest.approx(float(sum(exclusion_pairs) / len(exclusion_pairs)), rel=1e-10)
+
+    cosines = slow_cosines(merged, target, valid)
+    assert float(tvmf_with_kappa([0.0] * C, partial_labels=True)(logits, target, ignore, annotated)) == \
+        pytest.approx(sum((1 - cos) ** 2 for cos in cosines) / C, rel=1e-6)
+
+
+# ----------------------------------------------------------------- t-vMF behaviour
+@pytest.mark.parametrize("kappa", [0.0, 1.0, 10.0, 32.0])
+def test_tvmf_decreases_as_cosine_grows(kappa):
+    target = torch.tensor([[[0, 1, 1, 0], [1, 1, 0, 0]]])
+    one_hot = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).double()
+    loss = tvmf_with_kappa([kappa, kappa])
+    cosines, values = [], []
+    for sharpness in torch.linspace(-2, 6, 12):
+        logits = sharpness * one_hot
+        cosines.append(sum(slow_cosines(slow_probs(logits), target, torch.ones_like(target, dtype=torch.bool))))
+        values.append(float(loss(logits, target)))
+    assert all(a < b for a, b in zip(cosines, cosines[1:]))
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_update_kappa_follows_formula_keeps_nan_and_is_saved():
+    logits, target, ignore, _ = random_batch(4)
+    cosines = slow_cosines(slow_probs(logits), target, ~ignore)
+    loss = TvMFDiceLoss(C, lam=32.0)
+    assert torch.all(loss.kappa == 0)
+
+    def expected(kappa):
+        return sum((1 - ((1 + cos) / (1 + k * (1 - cos)) - 1)) ** 2 for cos, k in zip(cosines, kappa)) / C
+
+    loss.update_kappa([0.9, 0.5, 0.25, 0.0])
+    assert loss.kappa.tolist() == pytest.approx([28.8, 16.0, 8.0, 0.0])
+    assert float(loss(logits, target, ignore)) == pytest.approx(expected([28.8, 16.0, 8.0, 0.0]), rel=1e-5)
+    loss.update_kappa([math.nan, 0.75, math.nan, 0.5])  # NaN: class unseen in validation, κ kept
+    assert loss.kappa.tolist() == pytest.approx([28.8, 24.0, 8.0, 16.0])
+    loss.update_kappa(torch.tensor([0.5, math.nan, 1.0]))  # C − 1 values: classes 1..C−1, background kept
+    assert loss.kappa.tolist() == pytest.approx([28.8, 16.0, 8.0, 32.0])
+    assert float(loss(logits, target, ignore)) == pytest.approx(expected([28.8, 16.0, 8.0, 32.0]), rel=1e-5)
+    with pytest.raises(ValueError):
+        loss.update_kappa([0.5, 0.5])
+
+    resumed = TvMFDiceLoss(C)
+    resumed.load_state_dict(loss.state_dict())
+    assert torch.equal(resumed.kappa, loss.kappa)
+    composite = build_loss(SimpleNamespace(loss="tvmf_dice", num_classes=C))
+    composite.update_kappa([0.5] * C)
+    assert torch.equal(composite.state_dict()["tvmf.kappa"], torch.full((C,), 16.0))
+    build_loss(SimpleNamespace(loss="dice_ce", num_classes=C)).update_kappa([0.5] * C)  # no-op, no error
+
+
+# ----------------------------------------------------------------- ignore masks
+def all_losses_with_ignore():
+    """name -> callable(logits, target, ignore) for every loss that takes an ignore mask."""
+    annotated = torch.tensor([[True, True, False, True], [True, False, True, False]])
+    return {
+        "dice": lambda x, y, m: dice_loss(x, y, m),
+        "dice_squared_bg": lambda x, y, m: dice_loss(x, y, m, include_background=True, squared=True),
+        "ce": cross_entropy,
+        "tvmf": lambda x, y, m: tvmf_with_kappa([1.0, 5.0, 20.0, 32.0])(x, y, m),
+        "tvmf_partial": lambda x, y, m: tvmf_with_kappa([1.0, 5.0, 20.0, 32.0], True)(x, y, m, annotated),
+        "marginal_ce": lambda x, y, m: marginal_cross_entropy(x, y, annotated, m),
+        "marginal_ce_derived": lambda x, y, m: marginal_cross_entropy(x, y, None, m),
+        "marginal_dice": lambda x, y, m: marginal_dice_loss(x, y, annotated, m, include_background=True),
+        "exclusion": lambda x, y, m: exclusion_loss(x, y, annotated, m),
+        "composite": lambda x, y, m: build_loss(SimpleNamespace(
+            loss="dice_ce", partial_labels=True, exclusion_weight=0.5, num_classes=C))(
+            x, y, m, annotated, certain_background=torch.ones_like(y, dtype=torch.bool)),
+        "stream_dice_ce": lambda x, y, m: build_stream_loss("dice_ce")(x, y, m),
+        "mse": lambda x, y, m: mse_consistency(x.softmax(1), y.new_zeros(x.shape).double(), ~m),
+    }
+
+
+@pytest.mark.parametrize("name", list(all_losses_with_ignore()))
+def test_ignored_pixels_change_nothing_and_get_no_gradient(name):
+    loss_fn = all_losses_with_ignore()[name]
+    logits, target, ignore, _ = random_batch(5)
+    logits.requires_grad_()
+    value = loss_fn(logits, target, ignore)
+    value.backward()
+    assert torch.all(logits.grad.permute(0, 2, 3, 1)[ignore] == 0)
+    assert torch.any(logits.grad != 0)
+
+    changed_logits = torch.where(ignore.unsqueeze(1), 10 * torch.randn_like(logits), logits.detach())
+    changed_target = torch.where(ignore, (target + 1) % C, target)
+    assert float(loss_fn(changed_logits, changed_target, ignore)) == pytest.approx(value.item(), rel=1e-12)
+    # the 255 ignore index is equivalent to the mask
+    if name != "mse":
+        assert float(loss_fn(logits.detach(), torch.where(ignore, IGNORE_INDEX, target), None)) == \
+            pytest.approx(value.item(), rel=1e-12)
+
+
+# ----------------------------------------------------------------- partial labels
+def test_marginal_ce_equals_plain_ce_when_all_annotated_and_is_never_larger():
+    for seed in range(5):
+        logits, target, ignore, annotated = random_batch(10 + seed)
+        everything = torch.ones(B, C, dtype=torch.bool)
+        plain = float(cross_entropy(logits, target, ignore))
+        assert float(marginal_cross_entropy(logits, target, everything, ignore)) == pytest.approx(plain, rel=1e-12)
+        assert float(marginal_cross_entropy(logits, target, annotated, ignore)) <= plain + 1e-12
+
+
+def test_marginal_dice_equals_plain_dice_for_one_fully_annotated_image():
+    logits, target, ignore, _ = random_batch(6)
+    target[0, 0, :C] = torch.arange(C)  # every class present
+    everything = torch.ones(1, C, dtype=torch.bool)
+    for options in ({}, {"include_background": True, "squared": True}):
+        assert float(marginal_dice_loss(logits[:1], target[:1], everything, ignore[:1], **options)) == \
+            pytest.approx(float(dice_loss(logits[:1], target[:1], ignore[:1], **options)), rel=1e-12)
+
+
+def test_marginal_losses_never_push_an_unannotated_class_down_at_a_background_pixel():
+    logits, target, _, _ = random_batch(7)
+    annotated = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    unannotated_class = torch.tensor([2, 3])  # absent from the targets (see random_batch)
+    background = target == 0
+    at_background = background.unsqueeze(1) & torch.nn.functional.one_hot(unannotated_class, C).bool()[:, :, None, None]
+    marginal = {
+        "ce": lambda x: marginal_cross_entropy(x, target, annotated),
+        "dice": lambda x: marginal_dice_loss(x, target, annotated),
+        "dice_bg": lambda x: marginal_dice_loss(x, target, annotated, include_background=True, squared=True),
+        "tvmf": lambda x: tvmf_with_kappa([2.0, 4.0, 8.0, 16.0], True)(x, target, None, annotated),
+    }
+    # background and an unannotated class swapped at a 0-pixel: same merged probability, same loss.
+    swapped = logits.clone()
+    for b, k in enumerate(unannotated_class.tolist()):
+        swapped[b, 0][background[b]], swapped[b, k][background[b]] = logits[b, k][background[b]], logits[b, 0][background[b]]
+    for name, loss_fn in marginal.items():
+        assert float(loss_fn(swapped)) == pytest.approx(float(loss_fn(logits)), rel=1e-12), name
+    # gradient descent never lowers the unannotated logit there (plain CE does).
+    for name in ("ce", "dice", "dice_bg"):
+        x = logits.clone().requires_grad_()
+        marginal[name](x).backward()
+        assert torch.all(x.grad[at_background] <= 1e-15), name
+    x = logits.clone().requires_grad_()
+    cross_entropy(x, target).backward()
+    assert torch.all(x.grad[at_background] > 0)
+
+
+def test_certain_background_ce_acts_only_on_those_pixels():
+    logits, target, ignore, annotated = random_batch(8)
+    certain = torch.zeros(B, H, W, dtype=torch.bool)
+    certain[:, 0, :] = True  # top row: air
+    loss = build_loss(SimpleNamespace(loss="marginal_dice", background_ce_weight=0.7))
+
+    def gradient(**kwargs):
+        x = logits.clone().requires_grad_()
+        value = loss(x, target, ignore, annotated, **kwargs)
+        value.backward()
+        return value.item(), x.grad
+
+    without, grad_without = gradient()
+    with_background, grad_with = gradient(certain_background=certain)
+    used = certain & ~ignore
+    minus_log_p0 = -(logits[:, 0] - logits.exp().sum(1).log())
+    assert with_background - without == pytest.approx(0.7 * float(minus_log_p0[used].mean()), rel=1e-10)
+    extra = (grad_with - grad_without).permute(0, 2, 3, 1)
+    assert torch.all(extra[~used] == 0) and torch.all(extra[used].abs().sum(-1) > 0)
+
+
+# ----------------------------------------------------------------- degenerate inputs
+def every_loss_value(logits, target, ignore):
+    """Every loss on logits (not on probability maps, so MSE is left out)."""
+    annotated = torch.ones(logits.shape[0], logits.shape[1], dtype=torch.bool)
+    return [fn(logits, target, ignore) for name, fn in all_losses_with_ignore().items() if name != "mse"] + [
+        marginal_cross_entropy(logits, target, annotated, ignore),
+        TvMFDiceLoss(logits.shape[1])(logits, target, ignore)]
+
+
+def test_no_nan_with_empty_classes_or_all_ignored():
+    logits, target, _, _ = random_batch(9)
+    nothing, everything = torch.zeros(B, H, W, dtype=torch.bool), torch.ones(B, H, W, dtype=torch.bool)
+    for case_target, case_ignore in ((torch.zeros_like(target), nothing), (target, everything),
+                                     (torch.full_like(target, IGNORE_INDEX), nothing)):
+        x = logits.clone().requires_grad_()
+        values = every_loss_value(x, case_target, case_ignore)
+        sum(values).backward()
+        assert all(torch.isfinite(v) for v in values) and torch.all(torch.isfinite(x.grad))
+    everything_ignored = torch.ones(B, H, W, dtype=torch.bool)
+    for fn in (cross_entropy, lambda x, y, m: marginal_cross_entropy(x, y, None, m), dice_loss,
+               lambda x, y, m: marginal_dice_loss(x, y, None, m), lambda x, y, m: exclusion_loss(x, y, None, m)):
+        x = logits.clone().requires_grad_()
+        value = fn(x, target, everything_ignored)
+        assert value.item() == pytest.approx(0.0, abs=1e-12) and value.requires_grad
+        value.backward()
+        assert torch.all(x.grad == 0)
+
+
+def test_float16_inputs_are_upcast():
+    logits, target, ignore, _ = random_batch(11, dtype=torch.float16)
+    logits = 8 * logits  # large enough that float16 exp/log would lose precision
+    half_values = every_loss_value(logits, target, ignore)
+    float_values = every_loss_value(logits.float(), target, ignore)
+    for half, full in zip(half_values, float_values):
+        assert half.dtype == torch.float32
+        assert torch.isfinite(half) and float(half) == pytest.approx(float(full), rel=1e-6, abs=1e-7)
+    p, q = logits.softmax(1), logits.flip(0).softmax(1)
+    assert mse_consistency(p, q, ~ignore).dtype == torch.float32
+    assert float(mse_consistency(p, q, ~ignore)) == pytest.approx(float(mse_consistency(p.float(), q.float(), ~ignore)))
+
+
+# ----------------------------------------------------------------- build_loss / build_stream_loss
+@pytest.mark.parametrize("name,partial,expected_terms", [
+    ("dice", False, {"dice"}), ("dice", True, {"marginal_dice"}),
+    ("ce", False, {"ce"}), ("ce", True, {"marginal_ce"}),
+    ("dice_ce", False, {"dice", "ce"}), ("dice_ce", True, {"marginal_dice", "marginal_ce"}),
+    ("tvmf_dice", False, {"tvmf_dice"}), ("tvmf_dice", True, {"marginal_tvmf_dice"}),
+    ("marginal_ce", False, {"marginal_ce"}), ("marginal_dice", False, {"marginal_dice"}),
+    ("marginal_dice_ce", False, {"marginal_dice", "marginal_ce"}),
+])
+def test_build_loss_maps_every_name(name, partial, expected_terms):
+    assert name in LOSS_NAMES
+    loss = build_loss(SimpleNamespace(loss=name, partial_labels=partial, num_classes=C))
+    assert isinstance(loss, SupervisedLoss) and isinstance(loss, torch.nn.Module)
+    logits, target, ignore, annotated = random_batch(12)
+    terms = loss.terms(logits, target, ignore, annotated)
+    assert set(terms) == expected_terms
+    reference = {
+        "dice": dice_loss(logits, target, ignore), "ce": cross_entropy(logits, target, ignore),
+        "marginal_dice": marginal_dice_loss(logits, target, annotated, ignore),
+        "marginal_ce": marginal_cross_entropy(logits, target, annotated, ignore),
+        "tvmf_dice": TvMFDiceLoss(C)(logits, target, ignore),
+        "marginal_tvmf_dice": TvMFDiceLoss(C, partial_labels=True)(logits, target, ignore, annotated)}
+    assert float(loss(logits, target, ignore, annotated)) == \
+        pytest.approx(sum(float(reference[term]) for term in expected_terms), rel=1e-12)
+
+
+def test_composite_is_the_sum_of_its_parts():
+    logits, target, ignore, annotated = random_batch(13)
+    certain = torch.zeros(B, H, W, dtype=torch.bool)
+    certain[:, -1, :] = True
+    cfg = SimpleNamespace(loss="dice_ce", partial_labels=True, num_classes=C, dice_squared=True,
+                          dice_include_background=True, dice_smooth=1e-3, exclusion_weight=0.5,
+                          background_ce_weight=0.3)
+    options = {"include_background": True, "squared": True, "smooth": 1e-3}
+    expected = (marginal_dice_loss(logits, target, annotated, ignore, **options)
+                + marginal_cross_entropy(logits, target, annotated, ignore)
+                + 0.5 * exclusion_loss(logits, target, annotated, ignore, smooth=1e-3)
+                + 0.3 * cross_entropy(logits, torch.zeros_like(target), ignore | ~certain))
+    value = build_loss(cfg)(logits, target, ignore, annotated, certain_background=certain)
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_build_loss_defaults_and_errors():
+    loss = build_loss(SimpleNamespace())
+    assert loss.name == "dice_ce" and not loss.marginal and loss.background_ce_weight == 1.0
+    with pytest.raises(InputError, match="loss"):
+        build_loss(SimpleNamespace(loss="focal"))
+    with pytest.raises(InputError, match="num_classes"):
+        build_loss(SimpleNamespace(loss="tvmf_dice"))
+
+
+def test_stream_losses():
+    logits, target, ignore, _ = random_batch(14)
+    cfg = SimpleNamespace(dice_squared=True)
+    assert float(build_stream_loss("dice", cfg)(logits, target, ignore)) == \
+        pytest.approx(float(dice_loss(logits, target, ignore, squared=True)), rel=1e-12)
+    assert float(build_stream_loss("ce")(logits, target, ignore)) == \
+        pytest.approx(float(cross_entropy(logits, target, ignore)), rel=1e-12)
+    assert float(build_stream_loss("dice_ce")(logits, target, ignore)) == \
+        pytest.approx(float(dice_loss(logits, target, ignore) + cross_entropy(logits, target, ignore)), rel=1e-12)
+    with pytest.raises(InputError, match="stream loss"):
+        build_stream_loss("tvmf_dice")

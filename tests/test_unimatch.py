@@ -1,0 +1,177 @@
+"""UniMatch: CutMix boxes, pseudo-labels, confidence masking, FP stream and loss weights."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from train_unimatch import unimatch_step
+from utils.losses import build_stream_loss
+from utils.mixing import paste, random_boxes
+
+
+def test_cutmix_boxes_have_the_specified_area_and_aspect():
+    torch.manual_seed(0)
+    boxes = random_boxes(2000, 128, 96, p=1.0, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3))
+    assert boxes.any(dim=(1, 2)).all()
+    rows, cols = boxes.any(2), boxes.any(1)
+    heights, widths = rows.sum(1).float(), cols.sum(1).float()
+    # each mask is exactly one filled rectangle
+    assert torch.equal(boxes.sum((1, 2)).float(), heights * widths)
+    area = heights * widths / (128 * 96)
+    aspect = widths / heights
+    # rounding box sides to whole pixels moves area and aspect slightly; clamping to the image
+    # only shrinks a box
+    assert area.min() >= 0.02 * 0.85 and area.max() <= 0.4 * 1.05
+    assert aspect.min() >= 0.3 * 0.85 and aspect.max() <= (1 / 0.3) * 1.15
+    assert area.max() > 0.3 and area.min() < 0.05          # the whole range is used
+
+
+def test_cutmix_probability():
+    torch.manual_seed(1)
+    boxes = random_boxes(4000, 32, 32, p=0.5)
+    assert abs(boxes.any(dim=(1, 2)).float().mean().item() - 0.5) < 0.04
+    assert not random_boxes(50, 32, 32, p=0.0).any()
+
+
+def test_paste_images_and_maps():
+    boxes = torch.zeros(1, 4, 4, dtype=torch.bool)
+    boxes[0, 1:3, 2:4] = True
+    target, source = torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 4, 4)
+    mixed = paste(target, source, boxes)
+    assert torch.equal(mixed[0, 0], boxes[0].float()) and torch.equal(mixed[0, 1], boxes[0].float())
+    assert torch.equal(paste(torch.zeros(1, 4, 4), torch.ones(1, 4, 4), boxes)[0], boxes[0].float())
+
+
+class IntensityClassifier(nn.Module):
+    """3 classes from the input value v: logits (0, 12·v, 12·(1−v)) + a trainable 0-offset.
+    v = 1 → class 1 (confident), v = 0 → class 2 (confident), v = 0.5 → a 50/50 tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.decoded_batches = []
+
+    def encode(self, x):
+        return [x]
+
+    def decode(self, features, size):
+        value = features[0][:, :1]
+        self.decoded_batches.append(features[0].detach().clone())
+        return torch.cat([torch.zeros_like(value), 12 * value, 12 * (1 - value)], 1) + self.offset
+
+    def forward(self, x):
+        return self.decode(self.encode(x), x.shape[-2:])
+
+
+def make_cfg(**changes):
+    cfg = dict(cutmix_p=1.0, cutmix_area=[0.1, 0.3], cutmix_aspect=[0.5, 2.0], conf_thresh=0.95,
+               fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5)
+    cfg.update(changes)
+    return SimpleNamespace(**cfg)
+
+
+def make_batches(u_value=1.0, mix_value=0.0, n=3, size=16):
+    full = lambda v: torch.full((n, 1, size, size), float(v))  # noqa: E731
+    batch_x = {"image": full(1.0), "mask": torch.ones(n, size, size, dtype=torch.long),
+               "annotated": torch.ones(n, 3, dtype=torch.bool),
+               "certain_background": torch.zeros(n, size, size, dtype=torch.bool)}
+    batch_u = {"image_w": full(u_value), "image_s1": full(u_value), "image_s2": full(u_value)}
+    batch_mix = {"image_w": full(mix_value), "image_s1": full(mix_value), "image_s2": full(mix_value)}
+    return batch_x, batch_u, batch_mix
+
+
+class Recorder:
+    """A stream loss that records its arguments and returns a fixed value per call."""
+
+    def __init__(self, values=(1.0, 2.0, 4.0)):
+        self.calls, self.values = [], list(values)
+
+    def __call__(self, logits, target, ignore):
+        self.calls.append((logits, target, ignore))
+        return logits.sum() * 0 + self.values[len(self.calls) - 1]
+
+
+def test_pseudo_labels_inside_boxes_come_from_the_mix_batch():
+    torch.manual_seed(0)
+    model, stream = IntensityClassifier(), Recorder()
+    batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0)
+    unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(8.0), stream,
+                  make_cfg())
+    (logits_s1, target_s1, ignore_s1), (_, target_s2, _), (_, target_fp, ignore_fp) = stream.calls
+    strong_inputs = model.decoded_batches[-1]                 # the [s1, s2] forward
+    box1 = strong_inputs[:3, 0] == 0.0                        # pasted pixels carry the mix value 0
+    assert box1.any() and (~box1).any()
+    assert torch.equal(target_s1, torch.where(box1, 2, 1))   # mix prediction inside, u_w outside
+    box2 = strong_inputs[3:, 0] == 0.0
+    assert torch.equal(target_s2, torch.where(box2, 2, 1))
+    assert not torch.equal(box1, box2)                        # independent boxes per strong view
+    assert (target_fp == 1).all() and not ignore_fp.any() and not ignore_s1.any()
+
+
+def test_pixels_under_tau_are_ignored_and_get_no_gradient():
+    torch.manual_seed(0)
+    model = IntensityClassifier()
+    batch_x, batch_u, batch_mix = make_batches(u_value=0.5, mix_value=0.0)  # u_w: a 50/50 tie
+    stream = Recorder()
+    unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(0.0), stream,
+                  make_cfg())
+    (_, _, ignore_s1), _, (_, _, ignore_fp) = stream.calls
+    assert ignore_fp.all()                                     # nothing confident in u_w
+    strong_inputs = model.decoded_batches[-1][:3, 0]
+    assert torch.equal(ignore_s1, strong_inputs != 0.0)        # only the confident mix boxes count
+    # with the real Dice stream loss, the unconfident pixels get exactly zero gradient
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    ignore = torch.rand(2, 8, 8) < 0.5
+    build_stream_loss("dice")(logits, target, ignore).backward()
+    assert (logits.grad.abs().sum(1)[ignore] == 0).all()
+    assert (logits.grad.abs().sum(1)[~ignore] > 0).any()
+
+
+def test_fp_stream_perturbs_features_in_one_decoder_call():
+    torch.manual_seed(0)
+    model = IntensityClassifier()
+    batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0, n=4)
+    unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(0.0),
+                  Recorder(), make_cfg(fp_dropout=0.5))
+    sizes = [len(b) for b in model.decoded_batches]
+    assert sizes == [4, 4 + 4 + 4, 8]        # mix (eval), [x, u_w, u_w perturbed], [s1, s2]
+    joint = model.decoded_batches[1]
+    clean_u_w, perturbed = joint[4:8], joint[8:]
+    assert torch.equal(clean_u_w, torch.ones_like(clean_u_w))
+    # channel dropout: every map is either zeroed or scaled by 1 / (1 - p)
+    assert not torch.equal(perturbed, clean_u_w)
+    assert set(perturbed.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.parametrize("mu_img, lambda_fp", [(0.5, 0.5), (1.0, 0.0), (0.2, 2.0)])
+def test_loss_weights_follow_the_config(mu_img, lambda_fp):
+    torch.manual_seed(0)
+    batch_x, batch_u, batch_mix = make_batches()
+    loss, logs = unimatch_step(IntensityClassifier(), batch_x, batch_u, batch_mix,
+                               lambda *a, **k: torch.tensor(8.0), Recorder((1.0, 2.0, 4.0)),
+                               make_cfg(mu_img=mu_img, lambda_fp=lambda_fp))
+    expected = (8.0 + mu_img / 2 * (1.0 + 2.0) + lambda_fp * 4.0) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    assert math.isclose(logs["conf_ratio"].item(), 1.0)
+
+
+def test_image_filter_drops_unconfident_slices():
+    torch.manual_seed(0)
+    batch_x, batch_u, batch_mix = make_batches(n=2)
+    batch_u["image_w"][1] = 0.5            # slice 1 is a tie everywhere, slice 0 is confident
+    stream = Recorder()
+    unimatch_step(IntensityClassifier(), batch_x, batch_u, batch_mix,
+                  lambda *a, **k: torch.tensor(0.0), stream, make_cfg(image_filter=0.5))
+    ignore_fp = stream.calls[2][2]
+    assert not ignore_fp[0].any() and ignore_fp[1].all()
+
+
+def test_warmup_is_supervised_only():
+    batch_x, batch_u, batch_mix = make_batches()
+    model, stream = IntensityClassifier(), Recorder()
+    loss, logs = unimatch_step(model, batch_x, batch_u, batch_mix,
+                               lambda *a, **k: torch.tensor(8.0), stream, make_cfg(), warmup=True)
+    assert loss.item() == 8.0 and not stream.calls and len(model.decoded_batches) == 1

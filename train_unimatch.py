@@ -1,0 +1,123 @@
+"""UniMatch: weak-to-strong consistency with two strong views and feature perturbation (SPEC §7.2).
+
+Yang, Qi, Feng, Zhang & Shi, "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
+Segmentation", CVPR 2023.
+
+    python train_unimatch.py --labeled_ratio 0.8 --gpu 0
+    python train_unimatch.py --num_labeled 8 --init_ckpt runs/sup/best.pth
+    python train_unimatch.py --resume runs/latest/last.pth
+
+Naming: `img_x`/`mask_x` labeled; `img_u_w` weak view of an unlabeled slice, `img_u_s1`/`img_u_s2`
+its two strong views (same geometry, independent intensity perturbations, each CutMixed with a
+second unlabeled batch `*_mix`); `conf_u_w` confidence of the prediction on `img_u_w`.
+Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
+supervises the two strong views and a feature-perturbed decoding of the weak view.
+"""
+import torch
+
+from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
+                                  intensity_augmentation)
+from networks import build_model, forward_with_feature_perturbation
+from utils.errors import run_cli
+from utils.losses import build_loss, build_stream_loss
+from utils.mixing import paste, random_boxes
+from utils.training import (TrainingRun, autocast, build_optimizer, build_scheduler,
+                            epoch_loader, iterations_per_epoch, load_data, load_init_weights,
+                            make_scaler, model_config, optimizer_step, pick_device,
+                            seed_everything, setup, unlabeled_pool)
+
+
+def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False):
+    """One UniMatch step; returns (total loss, dict of logged scalars). No optimiser work here."""
+    img_x, mask_x = batch_x["image"], batch_x["mask"]
+
+    def supervised(logits_x):
+        return loss_sup(logits_x, mask_x, annotated=batch_x["annotated"],
+                        certain_background=batch_x["certain_background"])
+
+    if warmup:  # supervised-only epochs before the unlabeled streams switch on
+        loss_x = supervised(model(img_x))
+        return loss_x, {"loss": loss_x, "loss_x": loss_x}
+
+    img_u_w, img_u_s1, img_u_s2 = batch_u["image_w"], batch_u["image_s1"], batch_u["image_s2"]
+    # Pseudo-labels for the pasted boxes: the model in eval mode (BatchNorm running statistics,
+    # no dropout), no gradient — they are targets, not predictions to train.
+    with torch.no_grad():
+        model.eval()
+        conf_u_w_mix, mask_u_w_mix = model(batch_mix["image_w"]).float().softmax(1).max(1)
+        model.train()
+    batch, _, height, width = img_u_w.shape
+    box1, box2 = (random_boxes(batch, height, width, cfg.cutmix_p, tuple(cfg.cutmix_area),
+                               tuple(cfg.cutmix_aspect), img_u_w.device) for _ in range(2))
+    img_u_s1 = paste(img_u_s1, batch_mix["image_s1"], box1)
+    img_u_s2 = paste(img_u_s2, batch_mix["image_s2"], box2)
+
+    # One forward of [x, u_w] that also decodes channel-dropout copies of u_w's features (FP),
+    # then one forward of both strong views.
+    num_x = len(img_x)
+    logits, logits_u_w_fp = forward_with_feature_perturbation(
+        model, torch.cat([img_x, img_u_w]), num_perturbed=batch, p=cfg.fp_dropout)
+    logits_x, logits_u_w = logits[:num_x], logits[num_x:]
+    logits_u_s1, logits_u_s2 = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
+
+    conf_u_w, mask_u_w = logits_u_w.detach().float().softmax(1).max(1)
+    if cfg.image_filter > 0:  # drop whole slices with too few confident pixels
+        keep = (conf_u_w >= cfg.conf_thresh).float().mean((1, 2)) >= cfg.image_filter
+        conf_u_w = conf_u_w * keep.view(-1, 1, 1)
+    mask_u_s1, conf_u_s1 = paste(mask_u_w, mask_u_w_mix, box1), paste(conf_u_w, conf_u_w_mix, box1)
+    mask_u_s2, conf_u_s2 = paste(mask_u_w, mask_u_w_mix, box2), paste(conf_u_w, conf_u_w_mix, box2)
+
+    loss_x = supervised(logits_x)
+    loss_s1 = loss_stream(logits_u_s1, mask_u_s1, conf_u_s1 < cfg.conf_thresh)
+    loss_s2 = loss_stream(logits_u_s2, mask_u_s2, conf_u_s2 < cfg.conf_thresh)
+    loss_fp = loss_stream(logits_u_w_fp, mask_u_w, conf_u_w < cfg.conf_thresh)
+    loss = (loss_x + cfg.mu_img / 2 * (loss_s1 + loss_s2) + cfg.lambda_fp * loss_fp) / 2
+    return loss, {"loss": loss, "loss_x": loss_x, "loss_s": (loss_s1 + loss_s2) / 2,
+                  "loss_fp": loss_fp, "conf_ratio": (conf_u_w >= cfg.conf_thresh).float().mean()}
+
+
+def main(argv=None):
+    # ==== config, device, data ====
+    cfg = setup("unimatch", argv, __doc__)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = pick_device(cfg.gpu)
+    data, split, norm = load_data(cfg)
+    geometry = geometric_augmentation(cfg)
+    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
+                                air_threshold=cfg.air_threshold)
+    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
+    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
+                                    intensity_augmentation())
+    batch_size_u = cfg.batch_size_unlabeled or cfg.batch_size
+    iterations = iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
+
+    # ==== model, losses, optimiser ====
+    model_name, model_kwargs = model_config(cfg, data)
+    model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs).to(device)
+    if cfg.init_ckpt and not cfg.resume:
+        load_init_weights(model, cfg.init_ckpt, model_name, model_kwargs)
+    loss_sup = build_loss(cfg).to(device)
+    loss_stream = build_stream_loss(cfg.stream_loss, cfg)
+    optimizer = build_optimizer(cfg, model.parameters())
+    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * iterations)
+    scaler = make_scaler(device, cfg)
+    run = TrainingRun(cfg, "unimatch", model_name, model_kwargs,
+                      {"model": model, "loss": loss_sup, "optimizer": optimizer,
+                       "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)
+
+    # ==== loop: an epoch is `iterations` steps, by default one pass over the unlabeled pool ====
+    for epoch in run.epochs():
+        loaders = zip(epoch_loader(labeled_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
+                      epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
+                      epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2))
+        for batch_x, batch_u, batch_mix in run.steps(loaders, iterations):
+            with autocast(device, cfg):
+                loss, logs = unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup,
+                                           loss_stream, cfg, warmup=epoch < cfg.warmup_epochs)
+            optimizer_step(loss, optimizer, scaler, cfg, scheduler)
+            run.record(logs)
+        run.validate(epoch)
+    run.finish()
+
+if __name__ == "__main__":
+    run_cli(main)

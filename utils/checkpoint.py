@@ -1,0 +1,67 @@
+"""Checkpoints: plain dicts that `torch.load(weights_only=True)` reads (SPEC §8).
+
+    {"format": "fewctseg-checkpoint", "version": 1,
+     "model_name": "attunet", "model_kwargs": {...},        # enough for build_model()
+     "model": state_dict, "teacher": state_dict or None,    # + any other named state dicts
+     "optimizer", "scheduler", "scaler", "loss": state dicts (resume),
+     "epoch": last finished epoch, "iteration": int, "best_score": float, "history": [...],
+     "rng": torch RNG state, "config": resolved config, "data": {num_classes, img_size, ...}}
+
+Writes go to a temporary file in the same folder and are renamed over the target, so a crash
+never leaves a truncated checkpoint.
+"""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from networks import build_model
+from utils.errors import InputError
+
+FORMAT = "fewctseg-checkpoint"
+
+
+def save_checkpoint(state, path):
+    """Atomically write `state` (a plain dict of tensors and Python values) to `path`."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save({"format": FORMAT, "version": 1, **state}, temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read one of our checkpoints; anything else is an InputError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise InputError(f"{path}: not a FewCTSeg checkpoint (no '{FORMAT}' marker); "
+                         "pass a best.pth or last.pth written by a train_*.py script")
+    return state
+
+
+def model_from_checkpoint(state, weights="model", path="checkpoint"):
+    """Build the network a checkpoint describes and load `state[weights]` into it."""
+    if state.get(weights) is None:
+        available = [k for k in ("model", "teacher") if state.get(k) is not None]
+        raise InputError(f"{path}: has no '{weights}' weights (it has: {', '.join(available)})")
+    model = build_model(state["model_name"], **state["model_kwargs"])
+    try:
+        model.load_state_dict(state[weights])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"{path}: weights do not match the {state['model_name']} network "
+                         f"({first[:200]})") from None
+    return model
+

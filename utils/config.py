@@ -1,0 +1,163 @@
+"""YAML defaults with command-line overrides (SPEC §8).
+
+Every script has one YAML file in `configs/` holding all of its defaults; a file may name a
+`base:` file that is loaded first. `load_config` merges, later layers winning:
+
+    base YAML < script YAML < phantom preset (only when training on the phantom)
+              < --config FILE < --key value flags < --set key.sub=value
+
+Each top-level key is also a flag (`--labeled_ratio 0.8`); values are parsed with
+`yaml.safe_load`, so `0.8` is a float and `[96, 96]` a list. A key that no YAML declares is an
+error, and so is an override whose type differs from its default (an int may stand for a float).
+The help text of a flag is the comment on its line in the YAML file.
+"""
+import argparse
+import copy
+import re
+from pathlib import Path
+
+import yaml
+
+from utils.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class Config(dict):
+    """A plain dict whose keys are also attributes (`cfg.lr`); nested dicts stay plain dicts."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def to_dict(self):
+        return copy.deepcopy(dict(self))
+
+
+def read_yaml_chain(path):
+    """Load `path` and the chain of `base:` files under it; returns (merged dict, help texts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise InputError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: a config file must be a mapping of keys to values")
+    helps = dict(re.findall(r"^(\w+):[^#\n]*#\s*(.+)$", text, flags=re.MULTILINE))
+    base = values.pop("base", None)
+    if base is None:
+        return values, helps
+    base_values, base_helps = read_yaml_chain(path.parent / base)
+    return merge(base_values, values, source=path, allow_new=True), {**base_helps, **helps}
+
+
+def _same_type(default, value):
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float) and isinstance(value, int):
+        return True
+    return isinstance(value, type(default))
+
+
+def merge(base, override, source, allow_new=False):
+    """Recursively merge `override` into a copy of `base`; new keys are errors unless allowed."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if key not in merged:
+            if not allow_new:
+                known = ", ".join(sorted(merged))
+                raise InputError(f"{source}: unknown config key '{key}' (known keys: {known})")
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(merged[key], dict) and isinstance(value, dict) and merged[key]:
+            merged[key] = merge(merged[key], value, f"{source} [{key}]", allow_new)
+        elif allow_new or _same_type(merged[key], value):
+            merged[key] = copy.deepcopy(value)
+        else:
+            raise InputError(f"{source}: '{key}' must be of type {type(merged[key]).__name__} "
+                             f"like its default {merged[key]!r}, got {value!r}")
+    return merged
+
+
+def parse_value(text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_set(assignments):
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}."""
+    nested = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {assignment}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = parse_value(text)
+    return nested
+
+
+def load_config(script, argv=None, description=None, preset=None):
+    """Resolve the config of `script` (the name of `configs/<script>.yaml`) from YAML and flags.
+
+    `preset(cfg) -> path or None` may name a YAML file to insert below the user's overrides
+    once the merged config is known (used for the phantom preset). Returns a `Config`.
+    """
+    defaults, helps = read_yaml_chain(CONFIG_DIR / f"{script}.yaml")
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key of the YAML defaults is a flag; nested keys: --set key.sub=value.")
+    parser.add_argument("--config", help="an extra YAML file applied on top of the defaults")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any key, nested ones with dots (repeatable)")
+    for key, default in defaults.items():
+        if key in ("config", "set"):
+            continue
+        parser.add_argument(f"--{key}", type=parse_value, default=None, metavar="VALUE",
+                            help=f"{helps.get(key, '')} (default: {default!r})".strip())
+    args = parser.parse_args(argv)
+
+    flag_values = {key: value for key, value in vars(args).items()
+                   if key not in ("config", "set") and value is not None}
+    user_layers = []
+    if args.config:
+        extra, _ = read_yaml_chain(args.config)
+        user_layers.append((extra, args.config))
+    user_layers.append((flag_values, "command line"))
+    user_layers.append((parse_set(args.set), "--set"))
+
+    def resolve(layers):
+        merged = defaults
+        for values, source in layers:
+            merged = merge(merged, values, source)
+        return merged
+
+    resolved = resolve(user_layers)
+    preset_path = preset(Config(resolved)) if preset else None
+    if preset_path is not None:
+        preset_values, _ = read_yaml_chain(preset_path)
+        resolved = resolve([(preset_values, preset_path)] + user_layers)
+    cfg = Config(resolved)
+    cfg["_overrides"] = sorted(flag_values) + sorted(parse_set(args.set))
+    if preset_path is not None:
+        cfg["_preset"] = str(preset_path)
+    return cfg
+
+
+def config_to_yaml(cfg):
+    """The resolved config as YAML text (private `_` keys left out)."""
+    public = {key: value for key, value in dict(cfg).items() if not key.startswith("_")}
+    return yaml.safe_dump(public, sort_keys=False, default_flow_style=None)

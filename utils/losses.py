@@ -1,0 +1,392 @@
+# Naming across the repo (UniMatch's grammar): img_x / mask_x = labeled image and its mask;
+# img_u_w = weakly augmented unlabeled image; img_u_s1 / img_u_s2 = its two strong views;
+# conf_u_w = confidence (max softmax probability) of the prediction on img_u_w.
+"""Segmentation losses shared by every training script (SPEC §6).
+
+Conventions for every loss here:
+- `logits`  float `[B, C, H, W]` (float16/bfloat16 are upcast: every loss is computed in float32, or
+  float64 for float64 input; no matmul-type ops are used, so autocast cannot lower the precision);
+- `target`  integer `[B, H, W]`, values in 0..C-1 (0 = background, or "not annotated" with partial
+  labels); the value `IGNORE_INDEX` (255, UniMatch's pseudo-label convention) also marks ignored pixels;
+- `ignore`  optional bool `[B, H, W]`, True = the pixel is excluded (contributes nothing, gets no gradient);
+- `annotated` optional bool `[B, C]`: which classes were annotated on each image. Column 0 (background)
+  is ignored. A class that occurs in an image's target counts as annotated even if the flag says not;
+  when `annotated` is None the classes present in each target are the annotated ones.
+Every loss returns a scalar tensor connected to the graph, never NaN. When no pixel is usable the
+CE, Dice, marginal, exclusion and MSE losses give 0; t-vMF gives its constant for empty classes.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.errors import InputError
+
+IGNORE_INDEX = 255
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------- shared plumbing
+def _as_float(tensor):
+    """Half-precision inputs are upcast so sums over 65k pixels and log/exp stay accurate."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _prepare(logits, target, ignore):
+    """Check shapes; return (logits float, safe target long [B,H,W], valid bool [B,H,W]).
+
+    Ignored pixels get target 0 in `safe target` so one-hot/gather never see 255; they carry
+    weight 0 everywhere through `valid`.
+    """
+    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"logits [B,C,H,W] and target [B,H,W] expected, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    target = target.long()
+    valid = target != IGNORE_INDEX
+    if ignore is not None:
+        if ignore.shape != target.shape:
+            raise ValueError(f"ignore must be {tuple(target.shape)}, got {tuple(ignore.shape)}")
+        valid = valid & ~ignore.bool()
+    return _as_float(logits), torch.where(valid, target, 0), valid
+
+
+def _one_hot(target, num_classes, dtype):
+    """[B,H,W] int -> [B,C,H,W] float one-hot."""
+    return F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(dtype)
+
+
+def _masked_mean(values, valid):
+    """Mean of `values` [B,H,W] over `valid` pixels; 0 (still in the graph) when none are valid."""
+    return torch.where(valid, values, 0).sum() / valid.sum().clamp(min=1)
+
+
+def _soft_dice(pred, truth, dims, squared, smooth):
+    """Soft Dice coefficient (2·Σpt + s) / (Σp + Σt + s), summed over `dims`; values in [0, 1].
+
+    `pred`, `truth`: same shape, already multiplied by the validity weight. With `squared` the
+    denominator sums p² and t² (Milletari et al. 2016). The clamp only matters for smooth = 0 on an
+    empty class, where it turns 0/0 into Dice 0 instead of NaN.
+    """
+    intersection = (pred * truth).sum(dims)
+    if squared:
+        denominator = (pred * pred).sum(dims) + (truth * truth).sum(dims)
+    else:
+        denominator = pred.sum(dims) + truth.sum(dims)
+    return (2 * intersection + smooth) / (denominator + smooth).clamp(min=_EPS)
+
+
+def _effective_annotated(target, annotated, num_classes, valid):
+    """bool [B,C]: annotated classes per image, with background and every class present in the
+    (valid part of the) target forced True."""
+    batch = target.shape[0]
+    labels = torch.where(valid, target, 0).flatten(1)
+    present = torch.zeros(batch, num_classes, dtype=torch.bool, device=target.device)
+    present.scatter_(1, labels, True)
+    if annotated is not None:
+        if annotated.shape != (batch, num_classes):
+            raise ValueError(f"annotated must be [B,C] = {(batch, num_classes)}, got {tuple(annotated.shape)}")
+        present |= annotated.to(device=target.device, dtype=torch.bool)
+    present[:, 0] = True
+    return present
+
+
+def _merge_unannotated(probs, annotated):
+    """Marginalise probabilities over the classes not annotated on each image.
+
+    probs [B,C,H,W] in [0,1]; annotated bool [B,C] with column 0 True. Channel 0 becomes
+    p_0 + Σ_{k unannotated} p_k (a 0-labelled pixel may be any of these, Shi et al. 2021); the
+    unannotated channels become 0 on that image. Channels still sum to 1 per pixel.
+    """
+    unannotated = (~annotated).to(probs.dtype)[:, :, None, None]
+    merged_background = probs[:, :1] + (probs * unannotated).sum(1, keepdim=True)
+    kept = probs[:, 1:] * annotated[:, 1:].to(probs.dtype)[:, :, None, None]
+    return torch.cat([merged_background, kept], dim=1)
+
+
+# ---------------------------------------------------------------- plain losses
+def dice_loss(logits, target, ignore=None, include_background=False, squared=False, smooth=1e-5):
+    """Soft Dice loss: Dice per class over the whole batch, 1 − Dice averaged over classes.
+
+    logits [B,C,H,W], target int [B,H,W], ignore bool [B,H,W] (True = excluded from both sums).
+    `include_background` keeps class 0 in the mean; `squared` uses Σp² + Σt² denominators;
+    `smooth` is added to numerator and denominator, so a class absent from the batch scores
+    loss 0 only if it is also predicted nowhere. Returns a scalar in [0, 1].
+    """
+    logits, target, valid = _prepare(logits, target, ignore)
+    weight = valid.unsqueeze(1).to(logits.dtype)
+    probs = logits.softmax(1) * weight
+    truth = _one_hot(target, logits.shape[1], logits.dtype) * weight
+    dice = _soft_dice(probs, truth, (0, 2, 3), squared, smooth)
+    return 1 - (dice if include_background else dice[1:]).mean()
+
+
+def cross_entropy(logits, target, ignore=None):
+    """Pixel-wise cross-entropy, mean over valid pixels.
+
+    logits [B,C,H,W], target int [B,H,W] (255 = ignored), ignore bool [B,H,W] (True = excluded).
+    Returns a scalar ≥ 0; exactly 0 (connected to the graph) when no pixel is valid.
+    """
+    logits, target, valid = _prepare(logits, target, ignore)
+    nll = -logits.log_softmax(1).gather(1, target.unsqueeze(1)).squeeze(1)
+    return _masked_mean(nll, valid)
+
+
+def mse_consistency(p, q, mask=None):
+    """Mean squared difference between two probability maps (student vs teacher).
+
+    p, q [B,C,H,W] with values in [0,1]; mask bool [B,H,W], True = pixel INCLUDED (note: the
+    opposite of `ignore`). Mean over included pixels and channels; 0 when the mask is empty.
+    Gradient flows into both maps — detach the teacher's map before calling.
+    """
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    squared_error = (_as_float(p) - _as_float(q)).pow(2).mean(1)
+    if mask is None:
+        return squared_error.mean()
+    return _masked_mean(squared_error, mask.bool())
+
+
+class TvMFDiceLoss(nn.Module):
+    """Adaptive t-vMF Dice loss (Kato & Hotta, "Adaptive t-vMF dice loss: An effective expansion of
+    dice loss for medical image segmentation", Computers in Biology and Medicine, 2023).
+
+    Per class c: cos_c = cosine between the softmax map and the one-hot target, each L2-normalised
+    over the whole batch (B·H·W values, as the authors' code does);
+    φ_c = (1 + cos_c) / (1 + κ_c (1 − cos_c)) − 1 and the loss is mean_c (1 − φ_c)² over all classes,
+    background included (as the authors' code). κ = 0 gives (1 − cos)²; larger κ makes the loss
+    sharper around cos = 1. Range: [0, 4]. A class absent from the batch's target has cos = 0 and
+    contributes a constant without gradient (as in the authors' code).
+
+    κ is a per-class buffer (saved in `state_dict`, so a resumed run keeps it), 0 at the start, set by
+    `update_kappa` after each validation to λ · (validation Dice of that class).
+
+    With `partial_labels`, probabilities are first marginalised over each image's unannotated classes
+    (`_merge_unannotated`): channel 0 holds background + unannotated mass, and a class contributes to
+    its cosine only from images on which it was annotated.
+    """
+
+    def __init__(self, num_classes, lam=32.0, partial_labels=False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.lam = lam
+        self.partial_labels = partial_labels
+        self.register_buffer("kappa", torch.zeros(num_classes))
+
+    @torch.no_grad()
+    def update_kappa(self, dice_per_class):
+        """Set κ_c = λ · Dice_c.
+
+        dice_per_class: sequence/array/tensor of validation Dice in [0,1], either of length C
+        (index = class id) or C − 1 (classes 1..C−1, as the challenge metric reports; background
+        then keeps its κ). A NaN Dice (class never seen in validation) keeps that class's previous κ.
+        """
+        dice = torch.as_tensor(dice_per_class, dtype=self.kappa.dtype).flatten().to(self.kappa.device)
+        if dice.numel() == self.num_classes - 1:
+            dice = torch.cat([dice.new_full((1,), math.nan), dice])
+        if dice.numel() != self.num_classes:
+            raise ValueError(f"dice_per_class needs {self.num_classes} or {self.num_classes - 1} values, "
+                             f"got {dice.numel()}")
+        self.kappa.copy_(torch.where(dice.isnan(), self.kappa, self.lam * dice))
+
+    def forward(self, logits, target, ignore=None, annotated=None):
+        """logits [B,C,H,W], target int [B,H,W], ignore bool [B,H,W], annotated bool [B,C]
+        (used only with `partial_labels`). Returns a scalar in [0, 4]."""
+        logits, target, valid = _prepare(logits, target, ignore)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(f"TvMFDiceLoss built for {self.num_classes} classes, logits have {logits.shape[1]}")
+        probs = logits.softmax(1)
+        if self.partial_labels:
+            probs = _merge_unannotated(probs, _effective_annotated(target, annotated, self.num_classes, valid))
+        weight = valid.unsqueeze(1).to(logits.dtype)
+        probs = probs * weight
+        truth = _one_hot(target, self.num_classes, logits.dtype) * weight
+        dims = (0, 2, 3)
+        # Norms from clamped squared sums: no 0/0 and no infinite sqrt gradient on an empty class.
+        norms = ((probs * probs).sum(dims).clamp(min=_EPS ** 2).sqrt()
+                 * (truth * truth).sum(dims).clamp(min=_EPS ** 2).sqrt())
+        cosine = (probs * truth).sum(dims) / norms
+        kappa = self.kappa.to(cosine)
+        phi = (1 + cosine) / (1 + kappa * (1 - cosine)) - 1
+        return ((1 - phi) ** 2).mean()
+
+
+# ---------------------------------------------------------------- partial-label losses
+def marginal_cross_entropy(logits, target, annotated=None, ignore=None):
+    """Marginal cross-entropy (Shi et al., "Marginal loss and exclusion loss for partially supervised
+    multi-organ segmentation", Medical Image Analysis 2021).
+
+    A pixel labelled c ≥ 1 has likelihood p_c; a pixel labelled 0 on image b may be background or any
+    class not annotated on b, so its likelihood is p_0 + Σ_{k unannotated on b} p_k (a logsumexp of
+    log-probabilities). Mean of −log likelihood over valid pixels. Equals `cross_entropy` when every
+    class is annotated and is never larger. logits [B,C,H,W], target int [B,H,W], annotated bool
+    [B,C], ignore bool [B,H,W]. Returns a scalar ≥ 0 (0 when no pixel is valid).
+    """
+    logits, target, valid = _prepare(logits, target, ignore)
+    annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
+    log_probs = logits.log_softmax(1)
+    annotated_foreground = annotated.clone()
+    annotated_foreground[:, 0] = False
+    merged_background = torch.logsumexp(
+        log_probs.masked_fill(annotated_foreground[:, :, None, None], -math.inf), dim=1)
+    labelled = log_probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    log_likelihood = torch.where(target == 0, merged_background, labelled)
+    return _masked_mean(-log_likelihood, valid)
+
+
+def marginal_dice_loss(logits, target, annotated=None, ignore=None, include_background=False,
+                       squared=False, smooth=1e-5):
+    """Marginal Dice loss (Shi et al., Medical Image Analysis 2021).
+
+    Probabilities are marginalised per image (channel 0 = background + unannotated classes), Dice is
+    computed per (image, class) over H·W, and 1 − Dice is averaged only over annotated (image, class)
+    pairs — plus the merged background channel of every image when `include_background`.
+    Same inputs and options as `dice_loss` plus annotated bool [B,C]. Returns a scalar in [0, 1]
+    (0 when there is no pair to score).
+    """
+    logits, target, valid = _prepare(logits, target, ignore)
+    num_classes = logits.shape[1]
+    annotated = _effective_annotated(target, annotated, num_classes, valid)
+    weight = valid.unsqueeze(1).to(logits.dtype)
+    probs = _merge_unannotated(logits.softmax(1), annotated) * weight
+    truth = _one_hot(target, num_classes, logits.dtype) * weight
+    dice = _soft_dice(probs, truth, (2, 3), squared, smooth)
+    scored_pairs = annotated.clone()
+    scored_pairs[:, 0] = include_background
+    return torch.where(scored_pairs, 1 - dice, 0).sum() / scored_pairs.sum().clamp(min=1)
+
+
+def exclusion_loss(logits, target, annotated=None, ignore=None, smooth=1e-5):
+    """Exclusion loss (Shi et al., Medical Image Analysis 2021): organs do not overlap, so a class not
+    annotated on an image must have no probability inside that image's annotated structures.
+
+    For each image b with some annotated foreground F_b = {target > 0} and each class k unannotated
+    on b: soft Dice overlap 2·Σ p_k·F_b / (Σ p_k + |F_b|), averaged over those (image, class) pairs.
+    Inputs as `marginal_cross_entropy`. Returns a scalar in [0, 1), 0 when there is no such pair.
+    """
+    logits, target, valid = _prepare(logits, target, ignore)
+    annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
+    weight = valid.unsqueeze(1).to(logits.dtype)
+    foreground = ((target > 0) & valid).unsqueeze(1).to(logits.dtype)
+    overlap = _soft_dice(logits.softmax(1) * weight, foreground.expand_as(logits), (2, 3), False, smooth)
+    # Images without annotated foreground are skipped: there smoothing alone would read as overlap.
+    scored_pairs = ~annotated & (foreground.flatten(1).sum(1) > 0)[:, None]
+    return torch.where(scored_pairs, overlap, 0).sum() / scored_pairs.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------- composite built from the config
+LOSS_NAMES = ("dice", "tvmf_dice", "ce", "dice_ce", "marginal_ce", "marginal_dice", "marginal_dice_ce")
+STREAM_LOSS_NAMES = ("dice", "ce", "dice_ce")
+
+
+class SupervisedLoss(nn.Module):
+    """The supervised loss of a training script: its terms summed (see `terms`).
+
+    Terms by loss name: dice → dice; ce → ce; dice_ce → dice + ce; tvmf_dice → tvmf_dice;
+    marginal_* → the marginal versions, plus `exclusion_weight` × exclusion when that weight is > 0.
+    With partial labels, marginal losses alone never force the model to choose background (SPEC §6:
+    it put an organ on every pixel), so whenever `certain_background` pixels are given and
+    `background_ce_weight` > 0, `background_ce_weight` × plain CE toward class 0 on those pixels only
+    is added, whatever the loss name.
+
+    Built by `build_loss`: `name` is the base name (dice | ce | dice_ce | tvmf_dice) and `marginal`
+    selects the partial-label versions; `dice_options` are `dice_loss`'s keyword options.
+    """
+
+    def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
+                 exclusion_weight=0.0, background_ce_weight=1.0):
+        super().__init__()
+        self.name = name
+        self.marginal = marginal
+        self.dice_options = dict(dice_options or {})
+        self.exclusion_weight = exclusion_weight
+        self.background_ce_weight = background_ce_weight
+        self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
+
+    def update_kappa(self, dice_per_class):
+        """Forward validation Dice to the t-vMF κ (see `TvMFDiceLoss.update_kappa`); no-op otherwise."""
+        if self.tvmf is not None:
+            self.tvmf.update_kappa(dice_per_class)
+
+    def terms(self, logits, target, ignore=None, annotated=None, certain_background=None):
+        """dict term name -> weighted scalar; their sum is `forward`. Shapes as `forward`."""
+        terms = {}
+        if self.tvmf is not None:
+            terms["marginal_tvmf_dice" if self.marginal else "tvmf_dice"] = self.tvmf(logits, target, ignore, annotated)
+        if self.name in ("dice", "dice_ce"):
+            if self.marginal:
+                terms["marginal_dice"] = marginal_dice_loss(logits, target, annotated, ignore, **self.dice_options)
+            else:
+                terms["dice"] = dice_loss(logits, target, ignore, **self.dice_options)
+        if self.name in ("ce", "dice_ce"):
+            if self.marginal:
+                terms["marginal_ce"] = marginal_cross_entropy(logits, target, annotated, ignore)
+            else:
+                terms["ce"] = cross_entropy(logits, target, ignore)
+        if self.marginal and self.exclusion_weight > 0:
+            smooth = self.dice_options.get("smooth", 1e-5)
+            terms["exclusion"] = self.exclusion_weight * exclusion_loss(logits, target, annotated, ignore, smooth)
+        if certain_background is not None and self.background_ce_weight > 0:
+            excluded = ~certain_background.bool() if ignore is None else ignore.bool() | ~certain_background.bool()
+            background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
+            terms["background_ce"] = self.background_ce_weight * cross_entropy(logits, background, excluded)
+        return terms
+
+    def forward(self, logits, target, ignore=None, annotated=None, certain_background=None):
+        """logits [B,C,H,W]; target int [B,H,W]; ignore bool [B,H,W] (True = excluded);
+        annotated bool [B,C] (partial labels; None = classes present in the target);
+        certain_background bool [B,H,W] (pixels surely background, e.g. air outside the body).
+        Returns a scalar ≥ 0."""
+        return sum(self.terms(logits, target, ignore, annotated, certain_background).values())
+
+
+def _dice_options(cfg):
+    return {"include_background": bool(getattr(cfg, "dice_include_background", False)),
+            "squared": bool(getattr(cfg, "dice_squared", False)),
+            "smooth": float(getattr(cfg, "dice_smooth", 1e-5))}
+
+
+def build_loss(cfg):
+    """The `SupervisedLoss` a config asks for; attributes are read with getattr defaults, so any
+    object (a `types.SimpleNamespace`) works.
+
+    Keys: loss (one of LOSS_NAMES, default dice_ce), num_classes (needed for tvmf_dice),
+    partial_labels (False; True turns dice/ce/dice_ce into their marginal versions and marginalises
+    tvmf_dice over unannotated classes), dice_squared (False), dice_include_background (False),
+    dice_smooth (1e-5), tvmf_lambda (32.0), exclusion_weight (0.0), background_ce_weight (1.0).
+    """
+    name = getattr(cfg, "loss", "dice_ce")
+    if name not in LOSS_NAMES:
+        raise InputError(f"loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
+    marginal = name.startswith("marginal_") or bool(getattr(cfg, "partial_labels", False))
+    base_name = name.removeprefix("marginal_")
+    num_classes = getattr(cfg, "num_classes", None)
+    if name == "tvmf_dice" and num_classes is None:
+        raise InputError("num_classes: required by loss tvmf_dice")
+    return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
+                          tvmf_lambda=float(getattr(cfg, "tvmf_lambda", 32.0)),
+                          exclusion_weight=float(getattr(cfg, "exclusion_weight", 0.0)),
+                          background_ce_weight=float(getattr(cfg, "background_ce_weight", 1.0)))
+
+
+def build_stream_loss(name, cfg=None):
+    """Loss of an unlabeled stream (UniMatch s1/s2/FP, teacher pseudo-labels) against pseudo-labels.
+
+    name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'); Dice options come from `cfg` as in
+    `build_loss` (defaults without it). Returns a callable (logits [B,C,H,W], pseudo-labels int
+    [B,H,W], ignore bool [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete
+    labels, so no marginalisation here.
+    """
+    if name not in STREAM_LOSS_NAMES:
+        raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
+    dice_options = _dice_options(cfg)
+
+    def stream_loss(logits, target, ignore=None):
+        total = 0
+        if name in ("dice", "dice_ce"):
+            total = total + dice_loss(logits, target, ignore, **dice_options)
+        if name in ("ce", "dice_ce"):
+            total = total + cross_entropy(logits, target, ignore)
+        return total
+
+    return stream_loss
