@@ -67,8 +67,11 @@ def main(argv=None):
     else:
         ckpt = find_checkpoint(cfg.ckpt)
         state = load_checkpoint(ckpt, map_location=device)
-        weights = cfg.weights or ("teacher" if state.get("teacher") is not None else "model")
-        model = model_from_checkpoint(state, weights, ckpt).to(device)
+        if cfg.weights not in ("", "teacher", "student"):
+            raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
+        weights = cfg.weights or ("teacher" if state.get("teacher") is not None else "student")
+        model = model_from_checkpoint(state, "model" if weights == "student" else weights,
+                                      ckpt).to(device)
         train_cfg, facts, out_dir = state["config"], state["data"], ckpt.parent
         data = load_challenge(cfg.data or facts["root"], num_classes=facts["num_classes"])
         if data.num_classes != facts["num_classes"]:
@@ -93,6 +96,9 @@ def main(argv=None):
 
     # ==== score the chosen split ====
     if cfg.split == "test":
+        if data.test_images is None:
+            raise InputError(f"{data.root}: --split test, but there are no test images "
+                             "(test-images/ or test-images.zip)")
         if data.test_masks is None:
             raise InputError(f"{data.root}: --split test needs test labels (y_test.csv)")
     else:

@@ -12,9 +12,10 @@ Read naively, this is the transpose of what a model wants; `read_label_csv` retu
 
 Parsing works on raw bytes with NumPy: the file is read in chunks of whole lines, each chunk is
 parsed on a worker thread (NumPy releases the GIL), and the per-chunk `(images, pixels)` blocks are
-joined at the end, so peak memory stays near the size of the output plus a few chunks. A chunk that
-is not plain `Pixel i,<int>,<int>...` (floats like `3.0`, quotes, stray characters, ragged lines)
-goes through a slower line-by-line parser, which is also the one that words the error messages.
+joined at the end, so peak memory stays near twice the output (about the file size) plus a few
+chunks. A chunk that is not plain `Pixel i,<int>,<int>...` (floats like `3.0`, quotes, stray
+characters, ragged lines) goes through a slower line-by-line parser, which is also the one that
+words the error messages.
 """
 import collections
 import concurrent.futures
@@ -30,7 +31,8 @@ import numpy as np
 
 from utils.errors import InputError
 
-_CHUNK_BYTES = 8 << 20  # small enough that a chunk's int64 separator positions stay ~32 MB
+_CHUNK_BYTES = 8 << 20  # at most: a chunk's int64 separator positions then stay ~32 MB
+_MIN_CHUNK_BYTES = 64 << 10  # chunks are ~1/16 of the file between the two, so memory scales with it
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _CONTEXT = 2  # bytes of the previous chunk kept in front, so digits before a separator are views
 _SEPARATOR_BELOW = ord("0")  # ' ', ',', '\n' (and '.', '-', '"', '\r') are below '0'
@@ -116,9 +118,10 @@ def _parse_body(path, file, image_names):
 
     with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
         try:
-            for buffer, end in _line_chunks(file):
+            chunk_bytes = min(_CHUNK_BYTES, max(os.fstat(file.fileno()).st_size // 16, _MIN_CHUNK_BYTES))
+            for buffer, end in _line_chunks(file, chunk_bytes):
                 pending.append(pool.submit(_parse_chunk, image_names, buffer, end))
-                if len(pending) > 2 * _WORKERS:  # bounds the memory held by chunks in flight
+                if len(pending) > _WORKERS:  # bounds the memory held by chunks in flight
                     collect_oldest()
             while pending:
                 collect_oldest()
@@ -128,11 +131,11 @@ def _parse_body(path, file, image_names):
     return blocks
 
 
-def _line_chunks(file):
+def _line_chunks(file, chunk_bytes):
     """Yield `(buffer, end)`: `buffer[:end]` is `_CONTEXT` bytes of earlier text, then whole lines."""
     carry = b"\n" * _CONTEXT
     while True:
-        data = file.read(_CHUNK_BYTES)
+        data = file.read(chunk_bytes)
         buffer = carry + data
         if b"\r" in buffer:  # Windows line ends: drop them here, at C speed
             buffer = buffer.replace(b"\r\n", b"\n")
@@ -168,9 +171,10 @@ def _parse_chunk_fast(chunk, n_columns):
     if line_count == 0 or separators.size != line_count * per_line:
         return None
     separators = separators.reshape(line_count, per_line)
-    kinds = body.take(separators)
-    if not ((kinds[:, 0] == ord(" ")).all() and (kinds[:, -1] == ord("\n")).all()
-            and (kinds[:, 1:-1] == ord(",")).all()):
+    # a space first and a newline last on each line, and exactly L·N commas in all: then the
+    # separators in between are all commas and every line is "<word> <digits>,<v>,...,<v>\n"
+    if not ((body[separators[:, 0]] == ord(" ")).all() and (body[separators[:, -1]] == ord("\n")).all()
+            and np.count_nonzero(body == ord(",")) == line_count * n_columns):
         return None
     pixel_index = _parse_pixel_fields(body, separators)
     if pixel_index is None:
@@ -283,17 +287,17 @@ def _check_pixel_index(path, blocks, pixel_index):
 # ---------------------------------------------------------------- writing
 
 
-def _value_text_table(last_separator):
-    """(256, 4) uint8: the text of v followed by a separator, NUL-padded (NUL marks 'no byte')."""
+def _cell_text_table(separator):
+    """(256,) uint32 whose 4 bytes are the text of v then `separator`, NUL-padded (NUL = no byte)."""
     table = np.zeros((256, 4), np.uint8)
     for value in range(256):
-        text = f"{value}{last_separator}".encode()
+        text = f"{value}{separator}".encode()
         table[value, :len(text)] = np.frombuffer(text, np.uint8)
-    return table
+    return table.view(np.uint32).ravel()
 
 
-_VALUE_THEN_COMMA = _value_text_table(",")
-_VALUE_THEN_NEWLINE = _value_text_table("\n")
+_CELL_THEN_COMMA = _cell_text_table(",")
+_CELL_THEN_NEWLINE = _cell_text_table("\n")
 _WRITE_BLOCK_ROWS = 2048
 
 
@@ -336,17 +340,22 @@ def write_label_csv(path, masks, image_names):
 
 
 def _format_rows(values_by_image, start):
-    """Text of pixel rows start..start+_WRITE_BLOCK_ROWS-1 as a uint8 array, built by table lookup."""
-    block = values_by_image[:, start:start + _WRITE_BLOCK_ROWS].T  # (L pixels, N images)
+    """Text of pixel rows start..start+_WRITE_BLOCK_ROWS-1 as a uint8 array, built by table lookup.
+
+    Each row is laid out in 4-byte slots (the "Pixel i," label, then one slot per value) with NUL
+    padding, and the NULs are squeezed out at the end.
+    """
+    # copy the column slab first: transposing straight out of (N, H·W) strides across pages
+    block = np.ascontiguousarray(values_by_image[:, start:start + _WRITE_BLOCK_ROWS]).T.astype(np.intp)
     rows, n_images = block.shape
     labels = np.array([f"Pixel {pixel}," for pixel in range(start, start + rows)], dtype=np.bytes_)
-    label_width = labels.dtype.itemsize
-    text = np.zeros((rows, label_width + 4 * n_images), np.uint8)
-    text[:, :label_width] = labels.view(np.uint8).reshape(rows, label_width)
-    cells = text[:, label_width:].reshape(rows, n_images, 4)
-    cells[:, :-1] = _VALUE_THEN_COMMA[block[:, :-1]]
-    cells[:, -1] = _VALUE_THEN_NEWLINE[block[:, -1]]
-    return text[text != 0]
+    label_slots = -(-labels.dtype.itemsize // 4)
+    slots = np.zeros((rows, label_slots + n_images), np.uint32)
+    slots.view(np.uint8)[:, :labels.dtype.itemsize] = labels.view(np.uint8).reshape(rows, -1)
+    np.take(_CELL_THEN_COMMA, block, out=slots[:, label_slots:], mode="clip")
+    slots[:, -1] = _CELL_THEN_NEWLINE.take(block[:, -1])
+    text = slots.view(np.uint8).reshape(-1)
+    return np.compress(text != 0, text)
 
 
 # ---------------------------------------------------------------- cache

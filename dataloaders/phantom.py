@@ -14,11 +14,12 @@ appear, grow and vanish together. Each structure is an ellipse whose outline is 
 random angular harmonics, drawn in a canonical body frame into a Hounsfield-unit map and a label
 map, painted in a fixed order (later structures win, so labels never overlap and intensities match
 them). One cv2.remap then applies a random rotation, scale, shift and a smooth elastic field (a
-coarse random displacement grid, cubic-upsampled). In image space follow the couch, correlated
+coarse random displacement grid, cubic-upsampled). Then, in image space: the couch, correlated
 noise, blur and a soft-tissue window (W400/L40) to 8 bits. Each slice uses its own generator
 `np.random.default_rng([seed, index])`, so the output does not depend on chunking or workers.
 """
 import argparse
+import inspect
 import json
 import math
 import multiprocessing
@@ -225,9 +226,9 @@ def draw_ribs(canvas, z, k):
     """Rib cross-sections in the lateral wall, more of them higher up (label 0)."""
     rng = canvas.rng
     count = int(round(rng.uniform(2, 5) * np.clip((z - 0.3) / 0.5, 0, 1)))
+    ring = 1.0 - (1.0 - k * 0.87) * 0.7  # about the middle of the wall
     for side in (-1, 1):
         for angle in rng.uniform(-0.4, 1.4, count):  # from slightly anterior to posterolateral
-            ring = 1.0 - (1.0 - k * 0.87) * 0.7  # middle of the wall
             center = (side * 0.84 * ring * np.cos(angle),
                       ring * np.sin(angle) * (0.50 if angle > 0 else 0.62))
             tangent = np.arctan2(np.cos(angle), -side * np.sin(angle))
@@ -235,7 +236,7 @@ def draw_ribs(canvas, z, k):
             canvas.paint(window, rho < 1, 0, np.where(rho > 0.6, 700.0, 250.0).astype(np.float32))
 
 
-def draw_spine(canvas, k, hu):
+def draw_spine(canvas, z, k, hu):
     """Paraspinal and psoas muscles, vertebral body with posterior elements, spinal canal."""
     rng = canvas.rng
     body_center = (0.0, 0.095 * k)
@@ -245,7 +246,7 @@ def draw_spine(canvas, k, hu):
         window, rho = blob(canvas, (side * 0.15 * k, canal_center[1] + 0.1 * k),
                            (0.13 * k, 0.095 * k), side * 0.25, 0.08)
         canvas.paint(window, (rho < 1) & canvas.fat_inner[window], 0, hu["muscle"])
-    psoas = level_profile(hu["z"], "psoas")
+    psoas = level_profile(z, "psoas")
     if psoas > 0.15:
         for side in (-1, 1):
             window, rho = blob(canvas, (side * (0.13 + 0.05 * psoas) * k, body_center[1] - 0.01),
@@ -301,7 +302,7 @@ def draw_spleen(canvas, z, k, hu):
 
 def draw_liver(canvas, z, k, hu):
     """Right lobe filling the right upper cavity, left lobe across the midline higher up,
-    brighter portal/hepatic vein branches inside. Returns the liver mask (full canvas)."""
+    brighter portal vein branches inside. Returns (window, liver mask on it), or None."""
     rng = canvas.rng
     right, left = level_profile(z, "liver_right"), level_profile(z, "liver_left")
     if right < 0.15:
@@ -436,8 +437,8 @@ def draw_colon(canvas, z, k):
                            rng.uniform(-0.3, 0.3), 0.22)
         faeces = canvas.mottle[window] > rng.uniform(-1.0, 1.2)
         lumen = np.where(faeces, -40.0 + 60.0 * canvas.mottle[window], AIR_HU)
-        hu = np.where(rho > 0.85, 60.0, lumen).astype(np.float32)
-        canvas.paint(window, rho < 1, COLON, hu, only_free=True)
+        intensity = np.where(rho > 0.85, 60.0, lumen).astype(np.float32)
+        canvas.paint(window, rho < 1, COLON, intensity, only_free=True)
 
 
 def draw_small_bowel(canvas, z, k, hu):
@@ -464,11 +465,11 @@ def draw_small_bowel(canvas, z, k, hu):
         canvas.paint(window, rho < 1, 0, hu["ivc"], only_free=True)
 
 
-def tissue_hu(rng, z):
+def tissue_hu(rng):
     """Per-slice tissue intensities (portal-venous phase, HU) with patient-to-patient spread."""
     liver = rng.normal(105, 10)
     aorta = liver + rng.uniform(60, 140)
-    return {"z": z, "liver": np.float32(liver), "spleen": np.float32(liver + rng.normal(10, 8)),
+    return {"liver": np.float32(liver), "spleen": np.float32(liver + rng.normal(10, 8)),
             "aorta": np.float32(aorta), "ivc": np.float32(aorta - rng.uniform(10, 50)),
             "kidney": np.float32(rng.normal(175, 15)), "pancreas": np.float32(rng.normal(95, 8)),
             "muscle": np.float32(rng.normal(55, 5)), "bone": np.float32(rng.normal(220, 25)),
@@ -484,13 +485,13 @@ def render_slice(seed, index, size=256):
     """
     rng = np.random.default_rng([seed, index])
     z = rng.uniform(0.0, 1.0)
-    hu = tissue_hu(rng, z)
+    hu = tissue_hu(rng)
     rotation = rng.uniform(-0.1, 0.1)  # radians, about ±6°
     gravity = (-np.sin(rotation), np.cos(rotation))  # image "down" in the canonical frame
     canvas = Canvas(size, rng)
     k = draw_body(canvas)
     draw_ribs(canvas, z, k)
-    draw_spine(canvas, k, hu)
+    draw_spine(canvas, z, k, hu)
     draw_stomach(canvas, z, k, hu, gravity)
     draw_spleen(canvas, z, k, hu)
     liver = draw_liver(canvas, z, k, hu)
@@ -531,8 +532,8 @@ def warp(canvas, rng, rotation):
 
 
 def add_couch(hu, rng):
-    """The table under the patient: a slightly curved top plate, foam core and a base plate,
-    placed just below the lowest body pixel (label 0, modifies `hu` in place)."""
+    """The table under the patient: a slightly curved top plate, an air-like foam core and a
+    base plate, just below the lowest body pixel (label 0; modifies `hu` in place)."""
     size = hu.shape[0]
     body = hu > -500
     columns = np.nonzero(body.any(axis=0))[0]
@@ -642,9 +643,12 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     """Write the phantom data folder (SPEC §2.1 layout + y_test.csv, classes.yaml) to `out_dir`.
 
     Train images are 0..n_train-1 (the first round(labeled_fraction·n_train) carry partial
-    labels), test images n_train..n_train+n_test-1. `workers`: processes (default: CPU count,
-    one for small jobs). Returns `out_dir` as a Path. Raises InputError on bad arguments.
+    labels), test images n_train..n_train+n_test-1. `workers`: processes (default: up to 4 for
+    large jobs, else 1); the output does not depend on it. Returns `out_dir` as a Path.
+    Raises InputError on bad arguments or a non-empty folder that is not a phantom.
     """
+    settings = phantom_settings(n_train=n_train, labeled_fraction=labeled_fraction,
+                                n_test=n_test, size=size, seed=seed, p_annotated=p_annotated)
     check_arguments(n_train, labeled_fraction, n_test, size, p_annotated)
     out_dir = Path(out_dir)
     _prepare_folder(out_dir)
@@ -672,12 +676,18 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     (out_dir / "annotated_labels.json").write_text(json.dumps(annotated) + "\n")
     (out_dir / "classes.yaml").write_text(
         "".join(f"{i}: {name}\n" for i, name in CLASS_NAMES.items()))
-    settings = dict(n_train=n_train, labeled_fraction=labeled_fraction, n_test=n_test,
-                    size=size, seed=seed, p_annotated=p_annotated)
     temporary = out_dir / (COMPLETE_MARKER + ".tmp")
     temporary.write_text(json.dumps(settings) + "\n")
-    os.replace(temporary, out_dir / COMPLETE_MARKER)  # last, atomic: the folder is complete
+    os.replace(temporary, out_dir / COMPLETE_MARKER)  # last and atomic: the folder is complete
     return out_dir
+
+
+def phantom_settings(**kwargs):
+    """The `generate_phantom` arguments that decide its output, defaults filled in (a dict)."""
+    bound = inspect.signature(generate_phantom).bind(None, **kwargs)
+    bound.apply_defaults()
+    return {key: value for key, value in bound.arguments.items()
+            if key not in ("out_dir", "workers")}
 
 
 def ensure_phantom(out_dir="data/phantom", **kwargs):
@@ -687,37 +697,38 @@ def ensure_phantom(out_dir="data/phantom", **kwargs):
     """
     out_dir = Path(out_dir)
     marker = out_dir / COMPLETE_MARKER
-    wanted = dict(n_train=400, labeled_fraction=0.4, n_test=100, size=256, seed=0,
-                  p_annotated=0.6)
-    wanted.update({key: value for key, value in kwargs.items() if key in wanted})
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == wanted:
-                return out_dir
-        except json.JSONDecodeError:
-            pass  # a damaged marker: regenerate
+    settings = phantom_settings(**kwargs)
+    try:
+        if json.loads(marker.read_text()) == settings:
+            return out_dir
+    except (OSError, json.JSONDecodeError):
+        pass  # missing or damaged marker: (re)generate
     start = time.perf_counter()
     generate_phantom(out_dir, **kwargs)
-    print(f"Generated the CT phantom in {out_dir}/ ({wanted['n_train']} train + "
-          f"{wanted['n_test']} test slices, {time.perf_counter() - start:.1f} s).")
+    print(f"Generated the CT phantom in {out_dir}/ ({settings['n_train']} train + "
+          f"{settings['n_test']} test slices, {time.perf_counter() - start:.1f} s).")
     return out_dir
 
 
 def main(argv=None):
+    defaults = phantom_settings()
     parser = argparse.ArgumentParser(
         description="Write the built-in CT phantom in the challenge layout (SPEC §2.3).")
     parser.add_argument("--out", default="data/phantom", help="output folder")
-    parser.add_argument("--n_train", type=int, default=400, help="training images")
-    parser.add_argument("--labeled_fraction", type=float, default=0.4,
+    parser.add_argument("--n_train", type=int, default=defaults["n_train"],
+                        help="training images")
+    parser.add_argument("--labeled_fraction", type=float, default=defaults["labeled_fraction"],
                         help="fraction of training images (the first ones) with partial labels")
-    parser.add_argument("--n_test", type=int, default=100, help="test images (full labels)")
-    parser.add_argument("--size", type=int, default=256, help="image side: 128, 256 or 512")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (slice i uses [seed, i])")
-    parser.add_argument("--p_annotated", type=float, default=0.6,
+    parser.add_argument("--n_test", type=int, default=defaults["n_test"],
+                        help="test images (full labels)")
+    parser.add_argument("--size", type=int, default=defaults["size"],
+                        help="image side: 128, 256 or 512")
+    parser.add_argument("--seed", type=int, default=defaults["seed"],
+                        help="base seed (slice i uses the generator [seed, i])")
+    parser.add_argument("--p_annotated", type=float, default=defaults["p_annotated"],
                         help="probability that a present structure is annotated")
     args = parser.parse_args(argv)
     settings = {key: value for key, value in vars(args).items() if key != "out"}
-    check_arguments(**{key: value for key, value in settings.items() if key != "seed"})
     print("phantom: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
     start = time.perf_counter()
     out_dir = generate_phantom(args.out, **settings)

@@ -14,7 +14,7 @@ from functools import partial
 from networks.attunet import AttUNet
 from networks.perturb import forward_with_feature_perturbation
 from networks.pretrained import load_pretrained_encoder
-from networks.segformer import VARIANTS, SegFormer
+from networks.segformer import SegFormer
 from utils.errors import InputError
 
 MODELS = {

@@ -2,10 +2,11 @@
 
 Two key namings are understood, detected from the file:
 - NVlabs (the official `mit_b0.pth` … `mit_b5.pth`, and `backbone.`-prefixed mmseg checkpoints):
-  `patch_embed1.proj.weight`, `block1.0.attn.q.weight`, `block1.0.attn.kv.weight` (keys and values
-  fused, keys first), `block1.0.attn.sr.weight`, `block1.0.mlp.dwconv.dwconv.weight`, `norm1.weight`;
-- Hugging Face (`nvidia/mit-b0` … and the `segformer-bX-…` fine-tuned models): the same tensors as
-  `segformer.encoder.patch_embeddings.0.proj.weight`, `segformer.encoder.block.0.0.attention.self
+  `patch_embed1.proj.weight`, `block1.0.attn.q.weight`, `block1.0.attn.kv.weight` (keys and
+  values fused, keys first), `block1.0.attn.sr.weight`, `block1.0.mlp.dwconv.dwconv.weight`,
+  `norm1.weight`;
+- Hugging Face (`nvidia/mit-b0` … and the `segformer-bX-…` fine-tuned models): the same tensors
+  as `segformer.encoder.patch_embeddings.0.proj.weight`, `segformer.encoder.block.0.0.attention.self
   .query.weight`, separate `…self.key` and `…self.value`, `…attention.output.dense`,
   `…mlp.dense1`, `segformer.encoder.layer_norm.0.weight` (the `segformer.` prefix is optional).
 Files: `.pth`/`.pt`/`.bin` (torch.load, weights_only) or `.safetensors` (parsed here).
@@ -19,7 +20,7 @@ Input channels: the checkpoints were trained on RGB, so the stem convolution has
 For a gray model (in_channels = 1) its weights are summed over RGB: a gray image g fed to the RGB
 stem as (g, g, g) gives Σ_c w_c * g = (Σ_c w_c) * g, so the 1-channel model computes exactly what
 the pretrained model computes on the replicated gray image. For other channel counts the RGB
-weights are cycled and scaled by 3 / in_channels (the response to a constant image is kept).
+weights are cycled and scaled by 3 / in_channels (keeping the response to a flat image roughly).
 """
 import json
 import math
@@ -96,7 +97,8 @@ def read_safetensors(path: Path) -> dict:
                 continue
             if entry["dtype"] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name}: unsupported dtype {entry['dtype']}")
-            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], [int(size) for size in entry["shape"]]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(size) for size in entry["shape"]]
             begin, end = (int(offset) for offset in entry["data_offsets"])
             count = math.prod(shape)
             if end - begin != count * dtype.itemsize or body + end > len(data) or begin < 0:
@@ -146,7 +148,7 @@ def split_encoder_keys(state: dict) -> tuple:
 
 
 def adapt_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """Stem weights [C, file_channels, k, k] -> [C, in_channels, k, k] (see the module docstring)."""
+    """Stem weights [C, file_channels, k, k] -> [C, in_channels, k, k] (see the module doc)."""
     file_channels = weight.shape[1]
     if file_channels == in_channels:
         return weight

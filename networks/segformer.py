@@ -139,7 +139,8 @@ class MixFFN(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + ffn(norm2(x)), both with stochastic depth."""
 
-    def __init__(self, width: int, heads: int, reduction: int, mlp_ratio: int, drop_path_rate: float):
+    def __init__(self, width: int, heads: int, reduction: int, mlp_ratio: int,
+                 drop_path_rate: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=LAYER_NORM_EPS)
         self.attn = EfficientSelfAttention(width, heads, reduction)
@@ -213,7 +214,8 @@ class AllMLPDecoder(nn.Module):
 
     def forward(self, features: list) -> torch.Tensor:
         size = features[0].shape[-2:]
-        projected = [F.interpolate(project(feature), size=size, mode="bilinear", align_corners=False)
+        projected = [F.interpolate(project(feature), size=size, mode="bilinear",
+                                   align_corners=False)
                      for project, feature in zip(self.project, features)]
         # the paper's order: deepest stage first
         fused = self.fuse(torch.cat(projected[::-1], dim=1))

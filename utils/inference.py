@@ -69,7 +69,7 @@ def predict_slices(model, images, img_size, norm, device, batch_size=16, tta="no
     confidence = np.empty((count, height, width), np.float32) if with_confidence else None
     starts = range(0, count, batch_size)
     for start in (progress(starts) if progress else starts):
-        raw = torch.from_numpy(np.asarray(images[start:start + batch_size]))[:, None]
+        raw = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None]
         batch = normalize(resize(raw, img_size), norm).to(device)
         probabilities = predict_probabilities(model, batch, views)
         probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear",

@@ -1,0 +1,147 @@
+"""The user loop on a tiny phantom: train_supervised.py -> best.pth -> test.py -> submission."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import test as test_script
+import train_supervised
+from utils.checkpoint import load_checkpoint
+from utils.errors import run_cli
+
+TINY = ["--config", "configs/tiny.yaml"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run inside a temporary folder (runs/latest is relative) with the repo's configs."""
+    from conftest import ROOT
+    monkeypatch.chdir(tmp_path)
+    os.symlink(ROOT / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_phantom):
+    """One 2-epoch run shared by the tests that only read its outputs."""
+    from conftest import ROOT
+    folder = tmp_path_factory.mktemp("trained")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        os.symlink(ROOT / "configs", folder / "configs")
+        train_supervised.main(TINY + ["--data", str(tiny_phantom), "--out_dir", "run"])
+    finally:
+        os.chdir(cwd)
+    return folder / "run"
+
+
+def test_a_run_writes_every_output(trained):
+    for name in ("config.yaml", "log.jsonl", "last.pth", "best.pth", "curves.png", "val_examples.png"):
+        assert (trained / name).is_file(), name
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert {"loss", "lr", "val_dice", "val_rand", "seconds"} <= set(records[0])
+    assert (trained.parent / "runs" / "latest").resolve() == trained.resolve()
+    state = torch.load(trained / "best.pth", weights_only=True)   # a plain dict
+    assert state["model_name"] == "attunet" and state["data"]["img_size"] == 64
+    assert {"model", "optimizer", "scheduler", "config", "epoch", "best_score"} <= set(state)
+
+
+def test_test_py_reproduces_the_logged_validation_score(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained.parent)
+    records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: r["val_dice"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1"])
+    out = capsys.readouterr().out
+    assert f"per-class Dice {best['val_dice']:.4f} | Rand index {best['val_rand']:.4f}" in out
+
+
+def test_submission_reads_back_with_the_challenge_shape(trained, tiny_phantom):
+    path = trained / "submission.csv"
+    if not path.exists():
+        test_script.main(["--ckpt", str(trained / "best.pth"), "--gpu", "-1"])
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    names = sorted(p.name for p in (tiny_phantom / "test-images").iterdir())
+    assert rows[0][1:] == sorted(names, key=lambda n: int(n.split(".")[0]))
+    assert len(rows) - 1 == 128 * 128                       # H·W pixel rows at the file size
+    assert [r[0] for r in rows[1:4]] == ["Pixel 0", "Pixel 1", "Pixel 2"]
+    assert all(0 <= int(v) < 15 for r in rows[1:200] for v in r[1:])
+
+
+def test_ckpt_falls_back_to_runs_latest(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained.parent)
+    test_script.main(["--ckpt", "best.pth", "--gpu", "-1", "--out", str(trained / "sub2.csv")])
+    assert "using runs/latest/best.pth" in capsys.readouterr().out
+
+
+def test_resume_repeats_the_uninterrupted_run(workdir, tiny_phantom):
+    common = TINY + ["--data", str(tiny_phantom)]
+    train_supervised.main(common + ["--out_dir", "full"])
+    train_supervised.main(common + ["--out_dir", "half", "--epochs", "1"])
+    train_supervised.main(common + ["--out_dir", "half", "--resume", "half/last.pth"])
+    full, resumed = load_checkpoint("full/last.pth"), load_checkpoint("half/last.pth")
+    assert resumed["epoch"] == full["epoch"] == 1
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["history"][-1]["val_dice"] == full["history"][-1]["val_dice"]
+    assert resumed["history"][-1]["loss"] == full["history"][-1]["loss"]
+
+
+def test_a_failed_write_leaves_the_old_checkpoint_intact(workdir, tiny_phantom, monkeypatch):
+    common = TINY + ["--data", str(tiny_phantom), "--out_dir", "run", "--epochs", "1"]
+    train_supervised.main(common)
+    before = (workdir / "run" / "best.pth").read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        train_supervised.main(common + ["--seed", "1"])
+    assert (workdir / "run" / "best.pth").read_bytes() == before
+    assert not [p for p in (workdir / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def one_line_error(capsys, argv, main=test_script.main):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_bad_checkpoints_exit_2_with_one_line(workdir, trained, capsys):
+    (workdir / "junk.pth").write_bytes(b"this is not a checkpoint")
+    assert "junk.pth: not a readable checkpoint" in one_line_error(capsys, ["--ckpt", "junk.pth"])
+    torch.save({"weights": torch.zeros(3)}, workdir / "foreign.pth")
+    assert "foreign.pth: not a FewCTSeg checkpoint" in one_line_error(capsys, ["--ckpt", "foreign.pth"])
+    state = torch.load(trained / "best.pth", weights_only=True)
+    state["model_kwargs"]["base"] = 8                          # weights no longer fit
+    torch.save(state, workdir / "mismatch.pth")
+    assert "weights do not match the attunet network" in one_line_error(capsys, ["--ckpt", "mismatch.pth"])
+    assert "missing.pth: checkpoint not found" in one_line_error(capsys, ["--ckpt", "missing.pth"])
+
+
+def test_missing_test_images_and_bad_flags_exit_2(workdir, trained, capsys, tiny_phantom):
+    import shutil
+    data = workdir / "no_test"
+    shutil.copytree(tiny_phantom, data)
+    shutil.rmtree(data / "test-images")
+    error = one_line_error(capsys, ["--ckpt", str(trained / "best.pth"), "--data", str(data),
+                                    "--split", "test"])
+    assert "no test images" in error
+    assert "--tta: unknown 'spin'" in one_line_error(capsys, ["--ckpt", str(trained / "best.pth"),
+                                                              "--tta", "spin"])
+
+
+def test_train_errors_exit_2(workdir, capsys, tiny_phantom):
+    base = TINY + ["--data", str(tiny_phantom)]
+    assert "labeled_ratio: 1.5" in one_line_error(capsys, base + ["--labeled_ratio", "1.5"],
+                                                  train_supervised.main)
+    assert "unknown model 'unet9'" in one_line_error(capsys, base + ["--model", "unet9"],
+                                                     train_supervised.main)
+    assert "nowhere: no train-images" in one_line_error(capsys, TINY + ["--data", "nowhere"],
+                                                        train_supervised.main)

@@ -1,0 +1,374 @@
+"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP (SPEC §7.3).
+
+    python train_teacher_student.py --mode pseudo_label --num_labeled 8      # teacher, labels, student
+    python train_teacher_student.py --mode pseudo_label --teacher_ckpt runs/sup/best.pth --schedule pretrain_finetune
+    python train_teacher_student.py --mode mean_teacher --init_ckpt runs/sup/best.pth --freeze_encoder_stages 2
+    python train_teacher_student.py --mode bcp --edge_guided true
+    python train_teacher_student.py --resume runs/latest/last.pth --mode bcp
+
+- pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a teacher
+  trained on the labeled split (train_supervised.py, in <run>/teacher/, or `--teacher_ckpt`) labels
+  every unlabeled slice; the `n_pseudo` slices it is surest of (mean confidence over its predicted
+  foreground) join the labeled ones, pixels under `conf_thresh` ignored; saved in <run>/pseudo_labels/.
+- mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
+  teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
+  the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
+- bcp — Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image Segmentation",
+  CVPR 2023, with the dual teacher and edge guidance of Hsu & Hua (seeds/002): labeled slices pasted
+  into each other (pre-training), then a labeled box pasted into an unlabeled slice and an unlabeled
+  box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher.
+
+Naming: `img_x`/`mask_x` labeled; `img_u_w`/`img_u_s1` weak/strong view of an unlabeled slice (same
+geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed slice is
+scored with the labels of the slice it came from — ground truth with that slice's `annotated`
+classes and certain background (the marginal loss), or complete pseudo-labels at `u_weight` — so an
+organ left unannotated on one slice is never read as background inside another's region.
+Checkpoints: pseudo_label keeps the student; mean_teacher and bcp also the EMA `teacher`, which is
+validated and which test.py uses unless `--weights student`.
+"""
+import copy
+import json
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import ConcatDataset
+from tqdm import tqdm
+
+import train_supervised
+from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
+                                  intensity_augmentation)
+from networks import build_model
+from networks.edge import edge_loss, forward_with_edges
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.config import CONFIG_DIR, config_to_yaml, read_yaml_chain
+from utils.errors import InputError, run_cli
+from utils.inference import TTA_MODES, predict_slices
+from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consistency
+from utils.mixing import paste, random_boxes
+from utils.plots import save_overlays
+from utils.postprocess import keep_largest_component
+from utils.training import (TrainingRun, autocast, build_optimizer, build_scheduler, ema_update,
+                            epoch_loader, iterations_per_epoch, load_data, load_init_weights,
+                            make_scaler, model_config, optimizer_step, pick_device,
+                            seed_everything, setup, sigmoid_rampup, unlabeled_pool)
+
+MODES = ("pseudo_label", "mean_teacher", "bcp")
+SCHEDULES = ("joint", "pretrain_finetune")
+
+
+# ==== the training steps: the only method-specific parts ====
+def supervised(loss_sup, logits, source, ignore=None):
+    """The supervised loss of `logits` against a labeled batch dict (partial labels aware)."""
+    return loss_sup(logits, source["mask"], ignore=ignore, annotated=source["annotated"],
+                    certain_background=source["certain_background"])
+
+
+def edge_term(edge_logits, mask, known, cfg):
+    """`edge_weight` × the edge loss on the first len(mask) slices; 0 without an edge branch."""
+    if edge_logits is None:
+        return torch.zeros((), device=mask.device)
+    return cfg.edge_weight * edge_loss(edge_logits[:len(mask)], mask,
+                                       known if cfg.partial_labels else None)
+
+
+def consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
+    """pseudo_label and mean_teacher: supervised loss on the labeled (+ pseudo-labelled) batch and
+    `weight`·MSE between the student's softmax on the strong view and the teacher's on the weak
+    view of the same unlabeled slices. Returns (loss, logs)."""
+    img_x, num_x = batch_x["image"], len(batch_x["image"])
+    with torch.no_grad():  # the teacher (always in eval mode) gives targets, not predictions to train
+        prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
+    logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))
+    loss_x = supervised(loss_sup, logits[:num_x], batch_x)
+    loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w)
+    loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
+    loss = loss_x + weight * loss_u + loss_edge
+    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_edge": loss_edge,
+                  "consistency_weight": weight, "conf_teacher": prob_u_w.max(1).values.mean()}
+
+
+def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio):
+    """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
+
+    A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
+    Pre-training: labeled slices x_a with the box taken from x_b. Self-training: u_a around a box
+    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`.
+    """
+    half = len(batch_x["image"]) // 2
+    x_a, x_b = ({k: v[i * half:(i + 1) * half] for k, v in batch_x.items()} for i in range(2))
+    logs = {}
+    if teachers is None:
+        pairs = [(x_a, x_b)]
+    else:
+        img_u_w = batch_u["image_w"]
+        pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(*teachers, img_u_w)
+        u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask >= 0}  # complete
+                    for image, mask in zip(img_u_w.chunk(2), pseudo.chunk(2)))
+        pairs = [(u_a, x_a), (x_b, u_b)]
+        logs = {"conf_teacher": conf_u_w.mean(), "static_share": from_static.float().mean(),
+                "pseudo_ignored": (pseudo == IGNORE_INDEX).float().mean()}
+    height, width = batch_x["image"].shape[-2:]
+    box = random_boxes(half, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
+                       batch_x["image"].device)
+    logits, edge_logits = forward_with_edges(
+        student, torch.cat([paste(outer["image"], inner["image"], box) for outer, inner in pairs]))
+    loss_x = loss_u = 0
+    for logits_mix, (outer, inner) in zip(logits.chunk(len(pairs)), pairs):
+        for source, ignore in ((outer, box), (inner, ~box)):
+            if "annotated" in source:
+                loss_x = loss_x + supervised(loss_sup, logits_mix, source, ignore)
+            else:
+                loss_u = loss_u + loss_stream(logits_mix, source["mask"], ignore)
+    mixed = {key: torch.cat([paste(outer[key], inner[key], box) for outer, inner in pairs])
+             for key in ("mask", "certain_background")}
+    loss_edge = edge_term(edge_logits, mixed["mask"], mixed["certain_background"], cfg)
+    loss = loss_x + cfg.u_weight * loss_u + loss_edge
+    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_edge": loss_edge,
+                  "mask_ratio": ratio, **logs}
+
+
+@torch.no_grad()
+def dual_teacher_pseudo_labels(dynamic, static, images):
+    """Per pixel the argmax of the more confident teacher (ties: the dynamic one), then each
+    class's largest component. images [B, C, H, W] -> (pseudo int64 [B, H, W], IGNORE_INDEX off
+    the largest components; confidence [B, H, W]; from_static bool [B, H, W])."""
+    conf_dynamic, label_dynamic = dynamic(images).float().softmax(1).max(1)
+    conf_static, label_static = static(images).float().softmax(1).max(1)
+    from_static = conf_static > conf_dynamic
+    labels = torch.where(from_static, label_static, label_dynamic)
+    return largest_component_labels(labels), torch.maximum(conf_dynamic, conf_static), from_static
+
+
+def largest_component_labels(labels):
+    """int [B, H, W] -> the same with each class (> 0) cut to its largest 8-connected component
+    per slice (BCP's cleaning of pseudo-labels). The cut pixels become IGNORE_INDEX rather than
+    background: CT classes such as bowel have several true components, and the teacher did
+    not see background there."""
+    array = labels.cpu().numpy()
+    classes = np.unique(array)
+    kept = keep_largest_component(array, classes[classes > 0])
+    return torch.from_numpy(np.where(kept != array, IGNORE_INDEX, array)).to(labels.device)
+
+
+# ==== pseudo_label: teacher and pseudo-label set ====
+def rank_pseudo_labels(labels, confidence, n_keep, conf_thresh):
+    """Rank teacher predictions by confidence and keep the best `n_keep`.
+
+    labels (M, H, W) uint8 and confidence (M, H, W) float (max softmax). Score of a slice: mean
+    confidence over its predicted foreground (labels > 0); 0 with no foreground (nothing to learn).
+    Returns (order (M,) slice indices best first, ties by index; scores (M,); masks (n_keep, H, W)
+    uint8 of order[:n_keep], IGNORE_INDEX where confidence < conf_thresh).
+    """
+    foreground = labels > 0
+    counts = foreground.sum((1, 2))
+    scores = np.where(counts > 0, (confidence * foreground).sum((1, 2)) / np.maximum(counts, 1), 0)
+    order = np.argsort(-scores, kind="stable")
+    kept = order[:n_keep]
+    masks = np.where(confidence[kept] < conf_thresh, IGNORE_INDEX, labels[kept]).astype(np.uint8)
+    return order, scores, masks
+
+
+def prepare_teacher(cfg, device):
+    """The pseudo_label teacher: `teacher_ckpt`, or else a train_supervised.py run with this run's
+    shared keys (data, split, model, loss …) in <run>/teacher/, reused on --resume.
+    Returns (teacher in eval mode, checkpoint path, weights name, the checkpoint's data facts)."""
+    path = Path(cfg.teacher_ckpt or Path(cfg.out_dir) / "teacher" / "best.pth")
+    if not cfg.teacher_ckpt and not (cfg.resume and path.is_file()):
+        shared = {key: cfg[key] for key in read_yaml_chain(CONFIG_DIR / "supervised.yaml")[0]
+                  if key not in ("epochs", "out_dir", "resume")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "shared_config.yaml").write_text(config_to_yaml(shared))
+        print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
+        train_supervised.main(["--config", str(path.parent / "shared_config.yaml"),
+                               "--out_dir", str(path.parent),
+                               "--epochs", str(cfg.teacher_epochs or cfg.epochs)])
+    state = load_checkpoint(path, map_location=device)
+    weights = "teacher" if state.get("teacher") is not None else "model"
+    teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)
+    if (state["data"]["num_classes"], state["data"]["img_size"]) != (cfg.num_classes, cfg.img_size):
+        raise InputError(f"{path}: teacher has {state['data']['num_classes']} classes at "
+                         f"{state['data']['img_size']} px, this run {cfg.num_classes} at {cfg.img_size}")
+    print(f"Teacher: {path} ({weights} weights)")
+    return teacher, path, weights, state["data"]
+
+
+class Renormalized(nn.Module):
+    """A teacher fed slices normalised with the student's statistics `ours` while it was trained
+    with `its`: x·s_ours/s_its + (m_ours − m_its)/s_its restores its own normalisation."""
+
+    def __init__(self, model, ours, its):
+        super().__init__()
+        self.model, self.scale = model, ours["std"] / its["std"]
+        self.shift = (ours["mean"] - its["mean"]) / its["std"]
+
+    def forward(self, images):
+        return self.model(images * self.scale + self.shift)
+
+
+def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device):
+    """Label the unlabeled pool, keep the best `n_keep` slices and save them in
+    `out_dir`: masks.npy (n, H, W) uint8 (255 = ignored), scores.json, one overlay PNG per kept
+    slice. Returns (arrays for LabeledSlices, logs: mean kept score and ignored-pixel share)."""
+    images = np.asarray(pool_images[pool_indices])
+    labels, confidence = predict_slices(
+        teacher, images, facts["img_size"], facts["normalize"], device, cfg.eval_batch_size,
+        cfg.tta, with_confidence=True, progress=lambda it: tqdm(it, desc="pseudo-labels", leave=False))
+    order, scores, masks = rank_pseudo_labels(labels, confidence, n_keep, cfg.conf_thresh)
+    names = list(data.train_names) + [f"test_{name}" for name in data.test_names]
+    kept_names = [names[pool_indices[i]] for i in order[:n_keep]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "masks.npy", masks)
+    ranking = [{"rank": rank, "name": names[pool_indices[i]], "score": float(scores[i]),
+                "kept": rank < n_keep} for rank, i in enumerate(order)]
+    (out_dir / "scores.json").write_text(json.dumps(
+        {"conf_thresh": cfg.conf_thresh, "kept": n_keep, "slices": ranking}, indent=1))
+    save_overlays(out_dir / "png", kept_names, images[order[:n_keep]],
+                  np.where(masks == IGNORE_INDEX, 0, masks), data.num_classes)
+    logs = {"conf_pseudo": float(scores[order[:n_keep]].mean()),
+            "pseudo_ignored": float((masks == IGNORE_INDEX).mean())}
+    print(f"Pseudo-labels: kept {n_keep} of {len(images)} unlabeled slices, scores "
+          f"{scores[order[n_keep - 1]]:.3f}–{scores[order[0]]:.3f} (mean {logs['conf_pseudo']:.3f}); "
+          f"{logs['pseudo_ignored']:.1%} of their pixels under conf_thresh ignored; in {out_dir}/")
+    arrays = SimpleNamespace(train_images=images[order[:n_keep]], train_masks=masks,
+                             annotated=np.ones((n_keep, data.num_classes), bool))  # complete
+    return arrays, logs
+
+
+# ==== options ====
+def freeze_encoder_stages(model, count):
+    """Freeze the first `count` encoder stages: AttUNet's encoder blocks, SegFormer's stages
+    (patch embedding, transformer blocks, norm). BatchNorm statistics still follow the data."""
+    stages = getattr(model.encoder, "stages", model.encoder)
+    if not 0 <= count <= len(stages):
+        raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {len(stages)} "
+                         "(the encoder stages of this network)")
+    for stage in stages[:count]:
+        stage.requires_grad_(False)
+
+
+def consistency_weight(cfg, epochs_done):
+    """w · exp(−5(1−t)²) with t = epochs_done / rampup_epochs (Laine & Aila 2017); w after."""
+    if cfg.rampup_epochs <= 0:
+        return cfg.w_consistency
+    return cfg.w_consistency * sigmoid_rampup(epochs_done / cfg.rampup_epochs)
+
+
+def check_options(cfg):
+    if cfg.mode not in MODES:
+        raise InputError(f"mode: unknown '{cfg.mode}' (choose {', '.join(MODES)})")
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"schedule: unknown '{cfg.schedule}' (choose {', '.join(SCHEDULES)})")
+    if cfg.tta not in TTA_MODES:
+        raise InputError(f"tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
+    phased = cfg.mode == "bcp" or (cfg.mode == "pseudo_label" and cfg.schedule == "pretrain_finetune")
+    if phased and not 0 <= cfg.pretrain_epochs < cfg.epochs:
+        raise InputError(f"pretrain_epochs: {cfg.pretrain_epochs} leaves no epoch for the second "
+                         f"phase (epochs {cfg.epochs})")
+    if cfg.mode == "bcp":
+        if cfg.batch_size % 2 or cfg.batch_size_unlabeled not in (0, cfg.batch_size):
+            raise InputError(f"batch_size: BCP pairs the halves of a batch, so it needs an even "
+                             f"batch_size ({cfg.batch_size}) and batch_size_unlabeled 0")
+        if len(cfg.mask_ratio_schedule) != 2 or not all(0 < r < 1 for r in cfg.mask_ratio_schedule):
+            raise InputError(f"mask_ratio_schedule: {cfg.mask_ratio_schedule} is not [start, end] "
+                             "with both between 0 and 1")
+
+
+def main(argv=None):
+    # ==== config, device, data ====
+    cfg = setup("teacher_student", argv, __doc__)
+    check_options(cfg)
+    device = pick_device(cfg.gpu)
+    data, split, norm = load_data(cfg)
+    geometry = geometric_augmentation(cfg)
+    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
+                                air_threshold=cfg.air_threshold)
+    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
+    if len(pool_indices) == 0:
+        raise InputError(f"{data.root}: no unlabeled slices for a teacher–student method")
+    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
+                                    intensity_augmentation())
+    batch_size_u = cfg.batch_size_unlabeled or cfg.batch_size
+    # The teacher and the pseudo-labels live inside the run directory, so fix it now.
+    cfg.out_dir = cfg.out_dir or str(Path(cfg.resume).parent if cfg.resume else
+                                     Path("runs") / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
+
+    # ==== pseudo_label: teacher, pseudo-labels, and the training set of each phase ====
+    phase_sets, iterations = (labeled_set, labeled_set), None
+    teacher = teacher_path = teacher_weights = None
+    pseudo_logs = {}
+    if cfg.mode == "pseudo_label":
+        teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
+        n_keep = min(cfg.n_pseudo or len(split.train), len(pool_indices))
+        arrays, pseudo_logs = pseudo_label_set(teacher, facts, data, pool_images, pool_indices,
+                                               n_keep, cfg, Path(cfg.out_dir) / "pseudo_labels", device)
+        pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm, augment=geometry,
+                                   air_threshold=cfg.air_threshold)
+        joint_set = ConcatDataset([labeled_set, pseudo_set])
+        phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
+        iterations = iterations_per_epoch(cfg, len(joint_set), cfg.batch_size)
+        if facts["normalize"] != norm:
+            teacher = Renormalized(teacher, norm, facts["normalize"])
+    iterations = iterations or iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    # ==== student, teachers, losses, optimiser ====
+    model_name, model_kwargs = model_config(cfg, data)
+    if cfg.edge_guided:
+        model_kwargs["edge_guided"] = True
+    student = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs).to(device)
+    init_path, init_weights = ((teacher_path, teacher_weights) if cfg.init_student_from_teacher
+                               and teacher_path else (cfg.init_ckpt, "model"))
+    if init_path and not cfg.resume:
+        load_init_weights(student, init_path, model_name, model_kwargs, init_weights)
+    freeze_encoder_stages(student, cfg.freeze_encoder_stages)
+    modules = {"model": student}
+    if cfg.mode != "pseudo_label":
+        teacher = modules["teacher"] = copy.deepcopy(student).eval().requires_grad_(False)
+    if cfg.mode == "bcp":
+        static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
+    loss_sup = build_loss(cfg).to(device)
+    loss_stream = build_stream_loss(cfg.stream_loss, cfg)
+    optimizer = build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
+    total_iterations = cfg.epochs * iterations
+    scheduler = build_scheduler(cfg, optimizer, total_iterations)
+    scaler = make_scaler(device, cfg)
+    run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
+                      {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
+                       "scaler": scaler}, data, split, norm, device,
+                      validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
+
+    def train_step(batch_x, batch_u, epoch):
+        if cfg.mode != "bcp":
+            weight = consistency_weight(cfg, run.iteration / iterations)
+            loss, logs = consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight)
+            return loss, {**logs, **pseudo_logs}
+        self_training = epoch >= cfg.pretrain_epochs
+        if self_training and (run.iteration - cfg.pretrain_epochs * iterations) % cfg.static_every == 0:
+            static_teacher.load_state_dict(student.state_dict())
+        start, end = cfg.mask_ratio_schedule
+        ratio = start + (end - start) * run.iteration / max(total_iterations - 1, 1)
+        return bcp_step(student, (teacher, static_teacher) if self_training else None, batch_x,
+                        batch_u, loss_sup, loss_stream, cfg, ratio)
+
+    # ==== loop: an epoch is `iterations` steps ====
+    for epoch in run.epochs():
+        train_set = phase_sets[int(epoch >= cfg.pretrain_epochs)]
+        loaders = zip(epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
+                      epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1))
+        for batch_x, batch_u in run.steps(loaders, iterations):
+            with autocast(device, cfg):
+                loss, logs = train_step(batch_x, batch_u, epoch)
+            optimizer_step(loss, optimizer, scaler, cfg, scheduler)
+            if cfg.mode != "pseudo_label":
+                ema_update(teacher, student, cfg.ema_alpha, run.iteration)
+            run.record(logs)
+        run.validate(epoch)
+    run.finish()
+
+
+if __name__ == "__main__":
+    run_cli(main)

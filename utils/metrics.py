@@ -1,0 +1,225 @@
+"""The challenge metrics, computed exactly as the challenges score (SPEC §4).
+
+- Per-class Dice (ENS Challenge Data #165): for each image i and class c in 1..C-1,
+  Dice = 2|P∩G| / (|P|+|G|), NaN when both are empty; mean over images ignoring NaN (per class),
+  then mean over classes ignoring NaN.
+- Adjusted Rand index (#150; Hubert & Arabie, "Comparing partitions", J. Classification 1985):
+  per image, between truth and prediction restricted to the pixels where truth != 0, then the mean
+  over images.
+
+Both come from each image's contingency table — one `bincount` of the (truth, pred) pair codes per
+image, whose table stays in cache, with the images spread over threads (bincount releases the
+GIL) — never from per-class masks or pair loops. Run as a script to score a submission CSV:
+
+    python -m utils.metrics --truth data/phantom/y_test.csv --pred runs/latest/submission.csv
+"""
+import argparse
+import concurrent.futures
+import os
+
+import numpy as np
+
+from dataloaders.label_csv import read_label_csv
+from utils.errors import InputError, run_cli
+
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_MAX_TABLE_CELLS = 1 << 20  # larger label ranges (or negative ids) are compacted per image first
+
+
+# ---------------------------------------------------------------- Dice
+
+
+def per_class_dice(truth, pred, num_classes):
+    """Challenge #165 score. truth, pred: `(N, H, W)` integers in [0, num_classes).
+
+    Returns `(score, per_class)`: score = mean over classes 1..C-1 of the per-class Dice (NaN if no
+    class appears anywhere); per_class `(num_classes,) float64`, NaN at index 0 and for classes
+    absent from both truth and prediction on every image.
+    """
+    per_class = dice_table(truth, pred, num_classes)["dice"]
+    return _mean_ignoring_nan(per_class[1:]), per_class
+
+
+def dice_table(truth, pred, num_classes):
+    """Per-class Dice table. truth, pred: `(N, H, W)` integers in [0, num_classes).
+
+    Returns a dict of `(num_classes,)` arrays: `dice` (float64, as in `per_class_dice`),
+    `images_present` (int64, images whose truth contains the class) and `pixels` (int64, truth
+    pixels of the class over all images). Index 0 (background) is reported with dice NaN.
+    """
+    truth, pred = _as_image_rows(truth, pred)
+    for name, labels in (("truth", truth), ("pred", pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    both, in_truth, in_pred = (np.stack(column) for column in zip(*_map_tables(
+        truth, pred, num_classes, num_classes,
+        lambda table: (np.diagonal(table), table.sum(axis=1), table.sum(axis=0)))))  # each (N, C)
+    size_sum = in_truth + in_pred
+    scored = size_sum > 0  # both empty → NaN → not counted
+    dice_sum = np.where(scored, 2 * both / np.maximum(size_sum, 1), 0).sum(axis=0)
+    dice_images = scored.sum(axis=0)
+    images_present = (in_truth > 0).sum(axis=0)
+    pixels = in_truth.sum(axis=0)
+    dice = np.full(num_classes, np.nan)
+    has_score = dice_images > 0
+    dice[has_score] = dice_sum[has_score] / dice_images[has_score]
+    dice[0] = np.nan
+    return {"dice": dice, "images_present": images_present, "pixels": pixels}
+
+
+def format_dice_table(table, class_names=None):
+    """The table as text: one row per class that appears in truth or prediction, 4 decimals.
+
+    class_names: optional {class id: name} (int or str keys) or a list indexed by class id.
+    """
+    if isinstance(class_names, dict):
+        names = {int(label): str(name) for label, name in class_names.items()}
+    else:
+        names = dict(enumerate(map(str, class_names or [])))
+    lines = [f"{'class':>5}  {'name':<20} {'dice':>7} {'images':>7} {'pixels':>12}"]
+    for label in np.flatnonzero(~np.isnan(table["dice"])):
+        name = names.get(int(label), "")
+        lines.append(f"{label:>5}  {name[:20]:<20} {table['dice'][label]:>7.4f} "
+                     f"{table['images_present'][label]:>7d} {table['pixels'][label]:>12d}")
+    return "\n".join(lines)
+
+
+def _mean_ignoring_nan(values):
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+# ---------------------------------------------------------------- adjusted Rand index
+
+
+def rand_index(truth, pred):
+    """Challenge #150 score: mean over images of the adjusted Rand index on truth != 0 pixels.
+
+    truth, pred: `(N, H, W)` integer structure ids (any values; only the partition matters).
+    Per image, with n_ij the contingency table between truth structures i (truth != 0) and
+    predicted labels j, a_i / b_j its row / column sums, n the number of truth != 0 pixels and
+    C(x) = x(x-1)/2:
+
+        ARI = (Σ C(n_ij) − Σ C(a_i) Σ C(b_j) / C(n)) / (½[Σ C(a_i) + Σ C(b_j)] − Σ C(a_i) Σ C(b_j) / C(n))
+
+    evaluated in exact integer arithmetic. Where the denominator is 0 (max index = expected
+    index), both partitions are the same trivial one — a single structure labelled by a single
+    prediction, every pixel its own structure in both, or a single pixel — and the ARI is 1.0
+    (scikit-learn's convention). Images whose truth is all 0 are skipped; NaN if all are.
+    """
+    scores = adjusted_rand_per_image(truth, pred)
+    return _mean_ignoring_nan(scores)
+
+
+def adjusted_rand_per_image(truth, pred):
+    """`(N,) float64` adjusted Rand index of each image as in `rand_index`, NaN where truth is all 0."""
+    truth, pred = _as_image_rows(truth, pred)
+    if truth.shape[1] == 0:
+        return np.full(truth.shape[0], np.nan)
+    truth_labels, pred_labels = int(truth.max()) + 1, int(pred.max()) + 1
+    if min(truth.min(), pred.min()) >= 0 and truth_labels * pred_labels <= _MAX_TABLE_CELLS:
+        sums = _map_tables(truth, pred, truth_labels, pred_labels, lambda table: _pair_sums(table[1:]))
+    else:
+        sums = [_pair_sums_compacted(truth_row, pred_row) for truth_row, pred_row in zip(truth, pred)]
+    scores = np.full(truth.shape[0], np.nan)
+    for image, (index, a, b, foreground) in enumerate(sums):
+        if foreground == 0:
+            continue
+        # Python ints: C(n)·Σ C(a_i)·Σ C(b_j) exceeds int64 at 512² pixels
+        total = foreground * (foreground - 1) // 2
+        numerator = 2 * (index * total - a * b)
+        denominator = (a + b) * total - 2 * a * b
+        scores[image] = 1.0 if denominator == 0 else numerator / denominator
+    return scores
+
+
+def _pair_sums(table):
+    """(Σ C(n_ij), Σ C(a_i), Σ C(b_j), n) as Python ints from a `(truth ids, pred ids)` count table."""
+    cells = table.reshape(-1).astype(np.int64, copy=False)
+    rows, columns = table.sum(axis=1), table.sum(axis=0)
+    count = int(rows.sum())  # every table sums to n, and Σ C(x) = (Σ x² − Σ x) / 2
+    return tuple((int(np.dot(x, x)) - count) // 2 for x in (cells, rows, columns)) + (count,)
+
+
+def _pair_sums_compacted(truth_row, pred_row):
+    """`_pair_sums` for one image with arbitrary (wide-ranging or negative) ids: relabel, then count."""
+    foreground = truth_row != 0
+    _, truth_ids = np.unique(truth_row[foreground], return_inverse=True)
+    pred_values, pred_ids = np.unique(pred_row[foreground], return_inverse=True)
+    _, cells = np.unique(truth_ids.astype(np.int64) * max(len(pred_values), 1) + pred_ids, return_counts=True)
+    count = int(foreground.sum())
+    return tuple((int(np.dot(x, x)) - count) // 2
+                 for x in (cells, np.bincount(truth_ids), np.bincount(pred_ids))) + (count,)
+
+
+# ---------------------------------------------------------------- shared contingency
+
+
+def _as_image_rows(truth, pred):
+    """`(N, H, W)` (or `(N, ...)`) integer arrays → two `(N, pixels)` views; checks they match."""
+    truth, pred = np.asarray(truth), np.asarray(pred)
+    if truth.shape != pred.shape or truth.ndim < 2 or truth.shape[0] == 0:
+        raise ValueError(f"truth and pred must have the same (N, H, W) shape with N > 0, "
+                         f"got {truth.shape} and {pred.shape}")
+    for name, labels in (("truth", truth), ("pred", pred)):
+        if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+            raise ValueError(f"{name} must hold integer labels, got dtype {labels.dtype}")
+    return truth.reshape(truth.shape[0], -1), pred.reshape(pred.shape[0], -1)
+
+
+def _map_tables(truth, pred, truth_labels, pred_labels, reduce):
+    """`[reduce(table_i)]` over images, table_i the `(truth_labels, pred_labels)` int64 pixel counts.
+
+    truth, pred: `(N, pixels)` ints in [0, truth_labels) and [0, pred_labels).
+    """
+    cells = truth_labels * pred_labels
+    code_type = np.uint16 if cells <= 1 << 16 else np.int64  # narrow codes: less memory traffic
+
+    def reduce_image(image):
+        code = truth[image].astype(code_type)
+        code *= code_type(pred_labels)
+        np.add(code, pred[image], out=code, casting="unsafe")  # values fit: checked by the caller
+        return reduce(np.bincount(code, minlength=cells).reshape(truth_labels, pred_labels))
+
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+        return list(pool.map(reduce_image, range(truth.shape[0])))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score a label CSV against a ground-truth label CSV "
+                                                 "(per-class Dice, #165, and adjusted Rand index, #150).")
+    parser.add_argument("--truth", required=True, help="ground-truth label CSV (e.g. y_test.csv)")
+    parser.add_argument("--pred", required=True, help="predicted label CSV (a submission)")
+    parser.add_argument("--num_classes", type=int, default=55,
+                        help="classes for the Dice (0 = skip the Dice, e.g. for #150 instance ids)")
+    args = parser.parse_args(argv)
+    truth, truth_names, _ = read_label_csv(args.truth)
+    pred, pred_names, _ = read_label_csv(args.pred)
+    column_of = {name: column for column, name in enumerate(pred_names)}
+    missing = [name for name in truth_names if name not in column_of]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(f"{args.pred}: no column for {len(missing)} image(s) of {args.truth}: {shown}")
+    if pred.shape[1:] != truth.shape[1:]:
+        raise InputError(f"{args.pred}: images are {pred.shape[1]}x{pred.shape[2]}, "
+                         f"{args.truth} has {truth.shape[1]}x{truth.shape[2]}")
+    pred = pred[[column_of[name] for name in truth_names]]
+
+    print(f"images: {truth.shape[0]} ({truth.shape[1]}x{truth.shape[2]})")
+    if args.num_classes > 0:
+        for path, labels in ((args.truth, truth), (args.pred, pred)):
+            if labels.max() >= args.num_classes:
+                raise InputError(f"{path}: label {labels.max()} >= --num_classes {args.num_classes} "
+                                 "(instance ids? pass --num_classes 0 to report only the Rand index)")
+        table = dice_table(truth, pred, args.num_classes)
+        print(f"per-class Dice: {_mean_ignoring_nan(table['dice'][1:]):.4f}")
+    print(f"Rand index (adjusted, truth != 0): {rand_index(truth, pred):.4f}")
+    if args.num_classes > 0:
+        print(format_dice_table(table))
+
+
+if __name__ == "__main__":
+    run_cli(main)
