@@ -485,3 +485,16 @@ class TrainingRun:
         print(f"Done in {time.time() - self.started:.0f} s: best {self.cfg.select_metric} "
               f"{self.best_score:.4f}; checkpoints, log and plots in {self.dir}/. "
               f"Next: python test.py --ckpt {best}")
+
+
+def freeze_encoder_stages(model, count):
+    """Freeze the first `count` encoder stages for fine-tuning: AttUNet's encoder blocks,
+    SegFormer's stages (patch embedding, transformer blocks, norm). Only the weights freeze:
+    BatchNorm running statistics still follow the data. Pass only the parameters that still
+    require gradients to the optimiser."""
+    stages = getattr(model.encoder, "stages", model.encoder)
+    if not 0 <= count <= len(stages):
+        raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {len(stages)} "
+                         "(the encoder stages of this network)")
+    for stage in stages[:count]:
+        stage.requires_grad_(False)

@@ -1,0 +1,353 @@
+"""Speed measurements (SPEC §10), each printed with its baseline measured in the same run.
+
+    python bench.py                 # everything at full size (takes several minutes on a CPU)
+    python bench.py --quick         # tiny sizes: checks that every entry runs
+    python bench.py --only csv metrics
+
+Entries: `csv` (label CSV parse vs numpy.loadtxt, peak memory, cached load), `metrics` (Rand
+index and per-class Dice vs per-image implementations), `networks` (images/s and achieved
+GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
+torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
+elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step vs one
+supervised step). No test asserts on these timings.
+"""
+import argparse
+import os
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_csv
+from networks import build_model
+from utils.metrics import per_class_dice, rand_index
+
+
+# ==== label CSV ====
+def _best_time(function, repeats=1):
+    """(best wall time in s, result of the last call)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _challenge_like_masks(n_images, side, seed=0):
+    """(N, side, side) uint8: 40 % labeled images with blocky structures 1..54, the rest all 0."""
+    rng = np.random.default_rng(seed)
+    grid = side // 16
+    labels = rng.integers(1, 55, size=(n_images, grid, grid)) * (rng.random((n_images, grid, grid)) < 0.3)
+    labels[int(0.4 * n_images):] = 0
+    return labels.repeat(16, axis=1).repeat(16, axis=2).astype(np.uint8)
+
+
+def bench_csv(report, tmp_dir, n_images=2000, quick=False):
+    """read_label_csv vs numpy.loadtxt on a 65,536-row × n_images label CSV; cached loads; memory.
+
+    quick: 200 images, and loadtxt runs on the first 1/16 of the rows, its time scaled ×16.
+    """
+    if quick:
+        n_images = min(n_images, 200)
+    side = 256
+    masks = _challenge_like_masks(n_images, side)
+    names = [f"{i}.png" for i in range(n_images)]
+    path = os.path.join(tmp_dir, "bench_y_train.csv")
+    write_seconds, _ = _best_time(lambda: write_label_csv(path, masks, names))
+    size_mb = os.path.getsize(path) / 1e6
+    report("csv_write", f"write_label_csv {side * side} rows x {n_images} images ({size_mb:.0f} MB): "
+                        f"{write_seconds:.2f} s ({size_mb / write_seconds:.0f} MB/s)")
+
+    read_seconds, (parsed, _, _) = _best_time(lambda: read_label_csv(path), repeats=2)
+    if not np.array_equal(parsed, masks):
+        report("csv_parse", "ERROR: read_label_csv does not return what was written")
+        return
+    columns = range(1, n_images + 1)
+    if quick:
+        loadtxt_rows = side * side // 16
+        loadtxt_seconds, _ = _best_time(lambda: np.loadtxt(path, delimiter=",", skiprows=1, max_rows=loadtxt_rows,
+                                                           usecols=columns, dtype=np.uint8))
+        loadtxt_seconds *= side * side / loadtxt_rows
+        how = "loadtxt on 1/16 of the rows, x16"
+    else:
+        loadtxt_seconds, _ = _best_time(lambda: np.loadtxt(path, delimiter=",", skiprows=1, usecols=columns,
+                                                           dtype=np.uint8))
+        how = "loadtxt on the whole file"
+    report("csv_parse", f"read_label_csv {read_seconds:.2f} s vs numpy.loadtxt {loadtxt_seconds:.2f} s ({how}): "
+                        f"{loadtxt_seconds / read_seconds:.1f}x faster "
+                        f"({read_seconds / loadtxt_seconds:.2f}x the time)")
+
+    tracemalloc.start()
+    read_label_csv(path)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    report("csv_memory", f"read_label_csv peak traced memory {peak / 1e6:.0f} MB = "
+                         f"{peak / os.path.getsize(path):.2f}x the file, {peak / masks.nbytes:.2f}x the output")
+
+    for cache_file in (path + ".cache.npy", path + ".cache.json"):
+        if os.path.exists(cache_file):
+            os.remove(cache_file)
+    cold_seconds, _ = _best_time(lambda: load_label_masks(path))
+    warm_seconds, (cached, _) = _best_time(lambda: load_label_masks(path), repeats=3)
+    ok = "" if np.array_equal(cached, masks) else " ERROR: cache differs from the CSV"
+    report("csv_cache", f"load_label_masks cold {cold_seconds:.2f} s, warm (memory-mapped .npy) "
+                        f"{warm_seconds * 1e3:.1f} ms: {cold_seconds / warm_seconds:.0f}x{ok}")
+
+
+# ==== metrics ====
+def _per_image_unique_rand_index(truth, pred):
+    """Baseline: per image, np.unique relabelling and pair counts (the scikit-learn recipe)."""
+    scores = []
+    for truth_image, pred_image in zip(truth.reshape(len(truth), -1), pred.reshape(len(pred), -1)):
+        foreground = truth_image != 0
+        if not foreground.any():
+            continue
+        _, truth_ids = np.unique(truth_image[foreground], return_inverse=True)
+        _, pred_ids = np.unique(pred_image[foreground], return_inverse=True)
+        _, cells = np.unique(truth_ids.astype(np.int64) * (pred_ids.max() + 1) + pred_ids, return_counts=True)
+
+        def pairs(counts):
+            return float(np.sum(counts.astype(np.float64) * (counts - 1) / 2))
+
+        index, truth_pairs, pred_pairs = pairs(cells), pairs(np.bincount(truth_ids)), pairs(np.bincount(pred_ids))
+        total = foreground.sum() * (foreground.sum() - 1) / 2
+        expected = truth_pairs * pred_pairs / total if total else 0.0
+        maximum = (truth_pairs + pred_pairs) / 2
+        scores.append(1.0 if maximum == expected else (index - expected) / (maximum - expected))
+    return float(np.mean(scores))
+
+
+def _per_image_per_class_dice(truth, pred, num_classes):
+    """Baseline: a boolean mask per image and class."""
+    per_class = []
+    for label in range(1, num_classes):
+        scores = []
+        for truth_image, pred_image in zip(truth, pred):
+            in_truth, in_pred = truth_image == label, pred_image == label
+            size_sum = in_truth.sum() + in_pred.sum()
+            if size_sum:
+                scores.append(2 * (in_truth & in_pred).sum() / size_sum)
+        if scores:
+            per_class.append(np.mean(scores))
+    return float(np.mean(per_class))
+
+
+def _instance_masks(n_images, side, seed):
+    """(N, side, side) uint8 structure ids 0..255 in 32×32-pixel blocks, ~30 % background."""
+    rng = np.random.default_rng(seed)
+    grid = side // 32
+    ids = rng.integers(1, 256, size=(n_images, grid, grid)) * (rng.random((n_images, grid, grid)) < 0.7)
+    return ids.repeat(32, axis=1).repeat(32, axis=2).astype(np.uint8)
+
+
+def bench_metrics(report, quick=False):
+    """rand_index on 500 masks 512×512 and per_class_dice on 500 masks 256×256 vs per-image baselines.
+
+    quick: 20 masks each.
+    """
+    n_images = 20 if quick else 500
+    truth = _instance_masks(n_images, 512, seed=1)
+    pred = (np.roll(truth, 5, axis=2).astype(np.int64) * 7 % 256).astype(np.uint8)  # shifted, relabelled
+    fast_seconds, fast = _best_time(lambda: rand_index(truth, pred), repeats=2)
+    slow_seconds, slow = _best_time(lambda: _per_image_unique_rand_index(truth, pred))
+    ok = "" if abs(fast - slow) < 1e-9 else f" ERROR: {fast} != {slow}"
+    report("metric_rand_index", f"rand_index {n_images}x512x512: {fast_seconds:.3f} s vs per-image np.unique "
+                                f"{slow_seconds:.3f} s: {slow_seconds / fast_seconds:.1f}x{ok}")
+
+    truth = _challenge_like_masks(n_images, 256, seed=2)
+    truth[int(0.4 * n_images):] = _challenge_like_masks(n_images, 256, seed=3)[:n_images - int(0.4 * n_images)]
+    pred = np.where(np.random.default_rng(4).random(truth.shape) < 0.9, truth, 0).astype(np.uint8)
+    fast_seconds, (fast, _) = _best_time(lambda: per_class_dice(truth, pred, 55), repeats=2)
+    slow_seconds, slow = _best_time(lambda: _per_image_per_class_dice(truth, pred, 55))
+    ok = "" if abs(fast - slow) < 1e-9 else f" ERROR: {fast} != {slow}"
+    report("metric_dice", f"per_class_dice {n_images}x256x256, 55 classes: {fast_seconds:.3f} s vs per-image "
+                          f"per-class loop {slow_seconds:.3f} s: {slow_seconds / fast_seconds:.1f}x{ok}")
+
+
+# ==== networks ====
+BENCH_MODELS = [("attunet", {"base": 16}), ("attunet", {"base": 64}), ("segformer_b0", {})]
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_call(function, device, min_seconds, min_calls):
+    """Mean wall time of `function()` after a warm-up call, over >= min_calls and >= min_seconds."""
+    function()
+    _synchronize(device)
+    calls, start = 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        function()
+        calls += 1
+    _synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def _matmul_peak_gflops(device, dtype, size, min_seconds):
+    """GFLOP/s of a large square matmul (2·n³ FLOPs per product)."""
+    left = torch.randn(size, size, device=device, dtype=dtype)
+    right = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size ** 3 / _seconds_per_call(lambda: left @ right, device, min_seconds, 3) / 1e9
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one; count it the same way
+_CPU_ATTENTION_FLOPS = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CPU_ATTENTION_FLOPS = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda query, key, value, *args, out_shape=None, **kwargs:
+                sdpa_flop_count(query, key, value),
+    }
+
+
+def _counted_flops(function):
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def bench_networks(report, size=256, batch=8, quick=False):
+    """report(name, value_str) prints one line. quick=True: tiny sizes, for a smoke test."""
+    if quick:
+        size, batch = 64, 2
+    min_seconds, min_calls = (0.1, 1) if quick else (2.0, 3)
+    num_classes = 55
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = None
+    if device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    peak_dtype = amp_dtype or torch.float32
+    peak = _matmul_peak_gflops(device, peak_dtype, 1024 if quick else 4096, min_seconds)
+    report(f"matmul peak ({str(peak_dtype).removeprefix('torch.')}, {device.type})",
+           f"{peak:.1f} GFLOP/s")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    for name, options in BENCH_MODELS:
+        label = name + "".join(f" {key}={value}" for key, value in options.items())
+        torch.manual_seed(0)
+        model = build_model(name, in_channels=1, num_classes=num_classes, **options).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        images = torch.randn(batch, 1, size, size, device=device)
+        targets = torch.randint(0, num_classes, (batch, size, size), device=device)
+
+        def forward(inputs):
+            with torch.no_grad(), autocast():
+                return model(inputs)
+
+        def train_step(inputs, labels):
+            with autocast():
+                loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        model.eval()
+        forward_flops = _counted_flops(lambda: forward(images[:1])) * batch
+        train_flops = 3 * forward_flops
+        for layout_name, layout in (("NCHW", torch.contiguous_format),
+                                    ("channels_last", torch.channels_last)):
+            model.to(memory_format=layout)
+            images = images.contiguous(memory_format=layout)
+            steps = (("forward", lambda: forward(images), forward_flops),
+                     ("train step", lambda: train_step(images, targets), train_flops))
+            for mode, function, flops in steps:
+                model.train(mode == "train step")
+                seconds = _seconds_per_call(function, device, min_seconds, min_calls)
+                achieved = flops / seconds / 1e9
+                report(f"{label} {mode} {layout_name} ({batch}×{size}²)",
+                       f"{batch / seconds:.1f} img/s, {achieved:.1f} GFLOP/s "
+                       f"= {achieved / peak:.0%} of peak")
+
+
+# ==== UniMatch step ====
+def bench_unimatch_step(report, size=256, batch=4, quick=False):
+    """One UniMatch step vs one supervised step at the same labeled batch (SPEC §7.2 target:
+    ≤ 5.5×; the official implementation measured 6.5× here with a 16-channel U-Net at 256²,
+    4 labeled + 4 unlabeled)."""
+    from types import SimpleNamespace
+
+    from train_unimatch import unimatch_step
+    from utils.losses import build_loss, build_stream_loss
+
+    if quick:
+        size, batch = 64, 2
+    min_seconds = 0.2 if quick else 3.0
+    num_classes = 55
+    cfg = SimpleNamespace(loss="dice_ce", num_classes=num_classes, partial_labels=True,
+                          cutmix_p=0.5, cutmix_area=[0.02, 0.4], cutmix_aspect=[0.3, 1 / 0.3],
+                          conf_thresh=0.95, fp_dropout=0.5, image_filter=0.0, mu_img=0.5,
+                          lambda_fp=0.5)
+    torch.manual_seed(0)
+    model = build_model("attunet", in_channels=1, num_classes=num_classes, base=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_sup, loss_stream = build_loss(cfg), build_stream_loss("dice", cfg)
+
+    def image():
+        return torch.randn(batch, 1, size, size)
+    batch_x = {"image": image(), "mask": torch.randint(0, num_classes, (batch, size, size)),
+               "annotated": torch.ones(batch, num_classes, dtype=torch.bool),
+               "certain_background": torch.zeros(batch, size, size, dtype=torch.bool)}
+    batch_u = {"image_w": image(), "image_s1": image(), "image_s2": image()}
+    batch_mix = {"image_w": image(), "image_s1": image(), "image_s2": image()}
+
+    def step(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def supervised():
+        logits = model(batch_x["image"])
+        step(loss_sup(logits, batch_x["mask"], annotated=batch_x["annotated"],
+                      certain_background=batch_x["certain_background"]))
+
+    def unimatch():
+        step(unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg)[0])
+
+    model.train()
+    cpu = torch.device("cpu")
+    supervised_seconds = _seconds_per_call(supervised, cpu, min_seconds, min_calls=3)
+    unimatch_seconds = _seconds_per_call(unimatch, cpu, min_seconds, min_calls=3)
+    report(f"supervised step (AttUNet-16, {batch}×{size}²)", f"{supervised_seconds:.3f} s")
+    report(f"UniMatch step ({batch} labeled + {batch} unlabeled)",
+           f"{unimatch_seconds:.3f} s = {unimatch_seconds / supervised_seconds:.2f}× the supervised step")
+
+
+def report(name, text):
+    print(f"{name:<58} {text}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
+    parser.add_argument("--only", nargs="+", choices=["csv", "metrics", "networks", "unimatch"],
+                        default=["csv", "metrics", "networks", "unimatch"])
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
+    started = time.perf_counter()
+    if "csv" in args.only:
+        with tempfile.TemporaryDirectory() as folder:
+            bench_csv(report, folder, quick=args.quick)
+    if "metrics" in args.only:
+        bench_metrics(report, quick=args.quick)
+    if "networks" in args.only:
+        bench_networks(report, quick=args.quick)
+    if "unimatch" in args.only:
+        bench_unimatch_step(report, quick=args.quick)
+    print(f"bench done in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
