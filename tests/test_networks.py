@@ -11,7 +11,6 @@ from networks import MODELS, build_model, forward_with_feature_perturbation
 from networks.pretrained import read_safetensors
 from utils.errors import InputError
 
-torch.set_num_threads(2)
 SMALL_MODELS = {"attunet": {"base": 4}, "segformer_b0": {}}  # tiny enough for CPU passes
 
 
@@ -34,6 +33,16 @@ def test_logits_come_out_at_the_input_resolution(name, size):
         logits = model(torch.randn(1, 1, *size))
     assert logits.shape == (1, 5, *size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", SMALL_MODELS)
+def test_odd_sizes_are_padded_bottom_right_by_replication_and_cropped(name):
+    model = small_model(name).eval()
+    images = torch.randn(1, 1, 50, 60)
+    padded = torch.cat([images, images[..., -1:].expand(-1, -1, -1, 4)], dim=-1)  # width 64
+    padded = torch.cat([padded, padded[..., -1:, :].expand(-1, -1, 14, -1)], dim=-2)  # height 64
+    with torch.no_grad():
+        assert torch.allclose(model(images), model(padded)[..., :50, :60], atol=1e-5)
 
 
 def test_encoder_feature_shapes():
@@ -246,7 +255,11 @@ def write_safetensors(path, tensors):
 @pytest.fixture(scope="module")
 def reference_b0():
     torch.manual_seed(123)
-    return build_model("segformer_b0", in_channels=3, num_classes=7).eval()
+    model = build_model("segformer_b0", in_channels=3, num_classes=7).eval()
+    with torch.no_grad():  # non-zero biases and norms: a LayerNorm would hide a rescaled stem
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
 
 
 def write_checkpoint(directory, layout, reference):
@@ -269,8 +282,8 @@ def write_checkpoint(directory, layout, reference):
 @pytest.mark.parametrize("layout", ["nvlabs.pth", "mmseg.pth", "hf.bin", "hf.safetensors"])
 def test_pretrained_loading_reproduces_the_encoder(layout, reference_b0, tmp_path, capsys):
     path = write_checkpoint(tmp_path, layout, reference_b0)
-    rgb_images = torch.randn(2, 3, 64, 64)
-    gray_images = torch.randn(2, 1, 64, 64)
+    rgb_images = torch.randn(2, 3, 32, 32)
+    gray_images = torch.randn(2, 1, 32, 32)
     rgb_model = build_model("segformer_b0", in_channels=3, num_classes=5, pretrained=path).eval()
     assert "pretrained: 176 MiT-B0 encoder tensors" in capsys.readouterr().out
     gray_model = build_model("segformer_b0", in_channels=1, num_classes=5, pretrained=path).eval()
