@@ -9,15 +9,12 @@ baseline); `tvmf_dice` sharpens per class as validation Dice grows (κ updated a
 evaluation); with `partial_labels: true` the marginal variants treat 0-pixels as "background or
 an organ not annotated on this image" (utils/losses.py).
 """
-import torch
-
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
-from networks import build_model
 from utils.errors import run_cli
 from utils.losses import build_loss
-from utils.training import (TrainingRun, autocast, build_optimizer, build_scheduler,
-                            epoch_loader, iterations_per_epoch, load_data, make_scaler,
-                            model_config, optimizer_step, pick_device, seed_everything, setup)
+from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
+                            epoch_loader, iterations_per_epoch, load_data, optimizer_step,
+                            pick_device, seed_everything, setup)
 
 
 def main(argv=None):
@@ -31,14 +28,10 @@ def main(argv=None):
     iterations = iterations_per_epoch(cfg, len(train_set), cfg.batch_size)
 
     # ==== model, loss, optimiser ====
-    model_name, model_kwargs = model_config(cfg, data)
-    model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, model_name, model_kwargs = build_network(cfg, data, device)
     loss_fn = build_loss(cfg).to(device)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * iterations)
-    scaler = make_scaler(device, cfg)
+    optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
+                                                      cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "supervised", model_name, model_kwargs,
                       {"model": model, "loss": loss_fn, "optimizer": optimizer,
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)
@@ -60,6 +53,7 @@ def main(argv=None):
             run.record(logs)
         run.validate(epoch)
     run.finish()
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -17,14 +17,13 @@ import torch
 
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation)
-from networks import build_model, forward_with_feature_perturbation
+from networks import forward_with_feature_perturbation
 from utils.errors import run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
-from utils.training import (TrainingRun, autocast, build_optimizer, build_scheduler,
-                            epoch_loader, iterations_per_epoch, load_data, load_init_weights,
-                            make_scaler, model_config, optimizer_step, pick_device,
-                            seed_everything, setup, unlabeled_pool)
+from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
+                            epoch_loader, iterations_per_epoch, load_data, optimizer_step,
+                            pick_device, seed_everything, setup, unlabeled_pool)
 
 
 def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False):
@@ -92,15 +91,11 @@ def main(argv=None):
     iterations = iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
 
     # ==== model, losses, optimiser ====
-    model_name, model_kwargs = model_config(cfg, data)
-    model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs).to(device)
-    if cfg.init_ckpt and not cfg.resume:
-        load_init_weights(model, cfg.init_ckpt, model_name, model_kwargs)
+    model, model_name, model_kwargs = build_network(cfg, data, device)
     loss_sup = build_loss(cfg).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
-    optimizer = build_optimizer(cfg, model.parameters())
-    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * iterations)
-    scaler = make_scaler(device, cfg)
+    optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
+                                                      cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "unimatch", model_name, model_kwargs,
                       {"model": model, "loss": loss_sup, "optimizer": optimizer,
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)
@@ -118,6 +113,7 @@ def main(argv=None):
             run.record(logs)
         run.validate(epoch)
     run.finish()
+
 
 if __name__ == "__main__":
     run_cli(main)

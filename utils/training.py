@@ -26,6 +26,7 @@ from dataloaders.challenge import has_challenge_files, load_challenge, make_spli
 from dataloaders.datasets import normalization_stats
 from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from networks import build_model
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 from utils.inference import predict_slices
@@ -122,6 +123,19 @@ def model_config(cfg, data):
     return cfg.model, {"in_channels": cfg.in_channels, "num_classes": data.num_classes, **extra}
 
 
+def build_network(cfg, data, device):
+    """(model on `device`, name, kwargs): the configured network, with `pretrained` encoder
+    weights, `init_ckpt` weights (unless resuming) and `channels_last` applied."""
+    model_name, model_kwargs = model_config(cfg, data)
+    model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs)
+    if cfg.get("init_ckpt") and not cfg.resume:
+        load_init_weights(model, cfg.init_ckpt, model_name, model_kwargs)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, model_name, model_kwargs
+
+
 def data_facts(cfg, data, split, norm):
     """What a checkpoint records about the data (SPEC §8)."""
     return {"num_classes": data.num_classes, "class_names": data.class_names,
@@ -206,6 +220,12 @@ def build_scheduler(cfg, optimizer, total_iterations):
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1 - step / total_iterations) ** cfg.poly_power)
     raise InputError(f"scheduler: unknown '{cfg.scheduler}' (choose plateau or poly)")
+
+
+def build_optimisation(cfg, parameters, total_iterations, device):
+    """(AdamW, its schedule, the AMP GradScaler) for the trainable `parameters`."""
+    optimizer = build_optimizer(cfg, parameters)
+    return optimizer, build_scheduler(cfg, optimizer, total_iterations), make_scaler(device, cfg)
 
 
 def autocast(device, cfg):
