@@ -10,6 +10,7 @@ evaluation); with `partial_labels: true` the marginal variants treat 0-pixels as
 an organ not annotated on this image" (utils/losses.py).
 """
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
+from networks.edge import edge_term, forward_with_edges
 from utils.errors import run_cli
 from utils.losses import build_loss
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
@@ -38,10 +39,15 @@ def main(argv=None):
 
     # ==== the training step: the only method-specific part ====
     def train_step(batch):
-        logits = model(batch["image"])
-        loss = loss_fn(logits, batch["mask"], annotated=batch["annotated"],
-                       certain_background=batch["certain_background"])
-        return loss, {"loss": loss}
+        logits, edge_logits = forward_with_edges(model, batch["image"])  # no edges: None
+        loss_x = loss_fn(logits, batch["mask"], annotated=batch["annotated"],
+                         certain_background=batch["certain_background"])
+        loss_edge = edge_term(edge_logits, batch["mask"], batch["certain_background"], cfg)
+        loss = loss_x + loss_edge
+        logs = {"loss": loss}
+        if edge_logits is not None:
+            logs["loss_edge"] = loss_edge
+        return loss, logs
 
     # ==== loop: train an epoch, validate, checkpoint ====
     for epoch in run.epochs():

@@ -1,15 +1,18 @@
 """Teacher–student training: pseudo-labelling, Mean Teacher and BCP (SPEC §7.3).
 
-    python train_teacher_student.py --mode pseudo_label --num_labeled 8      # teacher, labels, student
-    python train_teacher_student.py --mode pseudo_label --teacher_ckpt runs/sup/best.pth --schedule pretrain_finetune
-    python train_teacher_student.py --mode mean_teacher --init_ckpt runs/sup/best.pth --freeze_encoder_stages 2
+    python train_teacher_student.py --mode pseudo_label --num_labeled 8   # teacher, labels, student
+    python train_teacher_student.py --mode pseudo_label --teacher_ckpt runs/sup/best.pth \
+        --schedule pretrain_finetune
+    python train_teacher_student.py --mode mean_teacher --init_ckpt runs/sup/best.pth \
+        --freeze_encoder_stages 2
     python train_teacher_student.py --mode bcp --edge_guided true
     python train_teacher_student.py --resume runs/latest/last.pth --mode bcp
 
-- pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a teacher
-  trained on the labeled split (train_supervised.py, in <run>/teacher/, or `--teacher_ckpt`) labels
-  every unlabeled slice; the `n_pseudo` slices it is surest of (mean confidence over its predicted
-  foreground) join the labeled ones, pixels under `conf_thresh` ignored; saved in <run>/pseudo_labels/.
+- pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a
+  teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
+  `--teacher_ckpt`) labels every unlabeled slice; the `n_pseudo` slices it is surest of (mean
+  confidence over its predicted foreground) join the labeled ones, pixels under `conf_thresh`
+  ignored; they are saved in <run>/pseudo_labels/.
 - mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
   the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
@@ -19,10 +22,11 @@
   box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w`/`img_u_s1` weak/strong view of an unlabeled slice (same
-geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed slice is
-scored with the labels of the slice it came from — ground truth with that slice's `annotated`
-classes and certain background (the marginal loss), or complete pseudo-labels at `u_weight` — so an
-organ left unannotated on one slice is never read as background inside another's region.
+geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed
+slice is scored with the labels of the slice it came from — ground truth with that slice's
+`annotated` classes and certain background (the marginal loss), or complete pseudo-labels at
+`u_weight` — so an organ left unannotated on one slice is never read as background inside
+another's region.
 Checkpoints: pseudo_label keeps the student; mean_teacher and bcp also the EMA `teacher`, which is
 validated and which test.py uses unless `--weights student`.
 """
@@ -41,8 +45,7 @@ from tqdm import tqdm
 import train_supervised
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation)
-from networks import build_model
-from networks.edge import edge_loss, forward_with_edges
+from networks.edge import edge_term, forward_with_edges
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, config_to_yaml, read_yaml_chain
 from utils.errors import InputError, run_cli
@@ -51,10 +54,10 @@ from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consis
 from utils.mixing import paste, random_boxes
 from utils.plots import save_overlays
 from utils.postprocess import keep_largest_component
-from utils.training import (TrainingRun, autocast, build_optimizer, build_scheduler, ema_update,
-                            epoch_loader, iterations_per_epoch, load_data, load_init_weights,
-                            make_scaler, model_config, optimizer_step, pick_device,
-                            seed_everything, setup, sigmoid_rampup, unlabeled_pool)
+from utils.training import (TrainingRun, autocast, build_network, build_optimisation, ema_update,
+                            epoch_loader, freeze_encoder_stages, iterations_per_epoch, load_data,
+                            load_init_weights, optimizer_step, pick_device, seed_everything, setup,
+                            sigmoid_rampup, unlabeled_pool)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
@@ -67,12 +70,8 @@ def supervised(loss_sup, logits, source, ignore=None):
                     certain_background=source["certain_background"])
 
 
-def edge_term(edge_logits, mask, known, cfg):
-    """`edge_weight` × the edge loss on the first len(mask) slices; 0 without an edge branch."""
-    if edge_logits is None:
-        return torch.zeros((), device=mask.device)
-    return cfg.edge_weight * edge_loss(edge_logits[:len(mask)], mask,
-                                       known if cfg.partial_labels else None)
+def edge_logs(loss_edge, cfg):
+    return {"loss_edge": loss_edge} if cfg.edge_guided else {}
 
 
 def consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
@@ -80,15 +79,15 @@ def consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
     `weight`·MSE between the student's softmax on the strong view and the teacher's on the weak
     view of the same unlabeled slices. Returns (loss, logs)."""
     img_x, num_x = batch_x["image"], len(batch_x["image"])
-    with torch.no_grad():  # the teacher (always in eval mode) gives targets, not predictions to train
+    with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
     logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))
     loss_x = supervised(loss_sup, logits[:num_x], batch_x)
     loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w)
     loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
     loss = loss_x + weight * loss_u + loss_edge
-    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_edge": loss_edge,
-                  "consistency_weight": weight, "conf_teacher": prob_u_w.max(1).values.mean()}
+    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,
+                  "conf_teacher": prob_u_w.max(1).values.mean(), **edge_logs(loss_edge, cfg)}
 
 
 def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio):
@@ -106,7 +105,8 @@ def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     else:
         img_u_w = batch_u["image_w"]
         pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(*teachers, img_u_w)
-        u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask >= 0}  # complete
+        # pseudo-labels are complete: each of their 0-pixels is (believed) background
+        u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask != IGNORE_INDEX}
                     for image, mask in zip(img_u_w.chunk(2), pseudo.chunk(2)))
         pairs = [(u_a, x_a), (x_b, u_b)]
         logs = {"conf_teacher": conf_u_w.mean(), "static_share": from_static.float().mean(),
@@ -127,8 +127,8 @@ def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
              for key in ("mask", "certain_background")}
     loss_edge = edge_term(edge_logits, mixed["mask"], mixed["certain_background"], cfg)
     loss = loss_x + cfg.u_weight * loss_u + loss_edge
-    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_edge": loss_edge,
-                  "mask_ratio": ratio, **logs}
+    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask_ratio": ratio, **logs,
+                  **edge_logs(loss_edge, cfg)}
 
 
 @torch.no_grad()
@@ -189,16 +189,16 @@ def prepare_teacher(cfg, device):
     state = load_checkpoint(path, map_location=device)
     weights = "teacher" if state.get("teacher") is not None else "model"
     teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)
-    if (state["data"]["num_classes"], state["data"]["img_size"]) != (cfg.num_classes, cfg.img_size):
-        raise InputError(f"{path}: teacher has {state['data']['num_classes']} classes at "
-                         f"{state['data']['img_size']} px, this run {cfg.num_classes} at {cfg.img_size}")
+    if state["data"]["num_classes"] != cfg.num_classes:
+        raise InputError(f"{path}: the teacher predicts {state['data']['num_classes']} classes, "
+                         f"this run has {cfg.num_classes}")
     print(f"Teacher: {path} ({weights} weights)")
     return teacher, path, weights, state["data"]
 
 
 class Renormalized(nn.Module):
-    """A teacher fed slices normalised with the student's statistics `ours` while it was trained
-    with `its`: x·s_ours/s_its + (m_ours − m_its)/s_its restores its own normalisation."""
+    """A loaded teacher trained with other intensity statistics (`its`) fed our batches (`ours`):
+    x·s_ours/s_its + (m_ours − m_its)/s_its restores the normalisation it was trained with."""
 
     def __init__(self, model, ours, its):
         super().__init__()
@@ -212,11 +212,11 @@ class Renormalized(nn.Module):
 def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device):
     """Label the unlabeled pool, keep the best `n_keep` slices and save them in
     `out_dir`: masks.npy (n, H, W) uint8 (255 = ignored), scores.json, one overlay PNG per kept
-    slice. Returns (arrays for LabeledSlices, logs: mean kept score and ignored-pixel share)."""
+    slice. Returns (arrays for LabeledSlices, logs: mean kept score, count, ignored-pixel share)."""
     images = np.asarray(pool_images[pool_indices])
     labels, confidence = predict_slices(
         teacher, images, facts["img_size"], facts["normalize"], device, cfg.eval_batch_size,
-        cfg.tta, with_confidence=True, progress=lambda it: tqdm(it, desc="pseudo-labels", leave=False))
+        cfg.tta, with_confidence=True, progress=lambda it: tqdm(it, "pseudo-labels", leave=False))
     order, scores, masks = rank_pseudo_labels(labels, confidence, n_keep, cfg.conf_thresh)
     names = list(data.train_names) + [f"test_{name}" for name in data.test_names]
     kept_names = [names[pool_indices[i]] for i in order[:n_keep]]
@@ -228,35 +228,18 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
         {"conf_thresh": cfg.conf_thresh, "kept": n_keep, "slices": ranking}, indent=1))
     save_overlays(out_dir / "png", kept_names, images[order[:n_keep]],
                   np.where(masks == IGNORE_INDEX, 0, masks), data.num_classes)
-    logs = {"conf_pseudo": float(scores[order[:n_keep]].mean()),
+    logs = {"conf_pseudo": float(scores[order[:n_keep]].mean()), "pseudo_kept": n_keep,
             "pseudo_ignored": float((masks == IGNORE_INDEX).mean())}
     print(f"Pseudo-labels: kept {n_keep} of {len(images)} unlabeled slices, scores "
-          f"{scores[order[n_keep - 1]]:.3f}–{scores[order[0]]:.3f} (mean {logs['conf_pseudo']:.3f}); "
-          f"{logs['pseudo_ignored']:.1%} of their pixels under conf_thresh ignored; in {out_dir}/")
+          f"{scores[order[n_keep - 1]]:.3f}–{scores[order[0]]:.3f} (mean "
+          f"{logs['conf_pseudo']:.3f}); {logs['pseudo_ignored']:.1%} of their pixels under "
+          f"conf_thresh ignored; in {out_dir}/")
     arrays = SimpleNamespace(train_images=images[order[:n_keep]], train_masks=masks,
                              annotated=np.ones((n_keep, data.num_classes), bool))  # complete
     return arrays, logs
 
 
 # ==== options ====
-def freeze_encoder_stages(model, count):
-    """Freeze the first `count` encoder stages: AttUNet's encoder blocks, SegFormer's stages
-    (patch embedding, transformer blocks, norm). BatchNorm statistics still follow the data."""
-    stages = getattr(model.encoder, "stages", model.encoder)
-    if not 0 <= count <= len(stages):
-        raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {len(stages)} "
-                         "(the encoder stages of this network)")
-    for stage in stages[:count]:
-        stage.requires_grad_(False)
-
-
-def consistency_weight(cfg, epochs_done):
-    """w · exp(−5(1−t)²) with t = epochs_done / rampup_epochs (Laine & Aila 2017); w after."""
-    if cfg.rampup_epochs <= 0:
-        return cfg.w_consistency
-    return cfg.w_consistency * sigmoid_rampup(epochs_done / cfg.rampup_epochs)
-
-
 def check_options(cfg):
     if cfg.mode not in MODES:
         raise InputError(f"mode: unknown '{cfg.mode}' (choose {', '.join(MODES)})")
@@ -264,8 +247,9 @@ def check_options(cfg):
         raise InputError(f"schedule: unknown '{cfg.schedule}' (choose {', '.join(SCHEDULES)})")
     if cfg.tta not in TTA_MODES:
         raise InputError(f"tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
-    phased = cfg.mode == "bcp" or (cfg.mode == "pseudo_label" and cfg.schedule == "pretrain_finetune")
-    if phased and not 0 <= cfg.pretrain_epochs < cfg.epochs:
+    two_phases = cfg.mode == "bcp" or (cfg.mode == "pseudo_label"
+                                       and cfg.schedule == "pretrain_finetune")
+    if two_phases and not 0 <= cfg.pretrain_epochs < cfg.epochs:
         raise InputError(f"pretrain_epochs: {cfg.pretrain_epochs} leaves no epoch for the second "
                          f"phase (epochs {cfg.epochs})")
     if cfg.mode == "bcp":
@@ -275,6 +259,8 @@ def check_options(cfg):
         if len(cfg.mask_ratio_schedule) != 2 or not all(0 < r < 1 for r in cfg.mask_ratio_schedule):
             raise InputError(f"mask_ratio_schedule: {cfg.mask_ratio_schedule} is not [start, end] "
                              "with both between 0 and 1")
+        if cfg.static_every < 1:
+            raise InputError(f"static_every: {cfg.static_every} is not a positive iteration count")
 
 
 def main(argv=None):
@@ -303,8 +289,9 @@ def main(argv=None):
     if cfg.mode == "pseudo_label":
         teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
         n_keep = min(cfg.n_pseudo or len(split.train), len(pool_indices))
-        arrays, pseudo_logs = pseudo_label_set(teacher, facts, data, pool_images, pool_indices,
-                                               n_keep, cfg, Path(cfg.out_dir) / "pseudo_labels", device)
+        arrays, pseudo_logs = pseudo_label_set(
+            teacher, facts, data, pool_images, pool_indices, n_keep, cfg,
+            Path(cfg.out_dir) / "pseudo_labels", device)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm, augment=geometry,
                                    air_threshold=cfg.air_threshold)
         joint_set = ConcatDataset([labeled_set, pseudo_set])
@@ -316,14 +303,9 @@ def main(argv=None):
     seed_everything(cfg.seed, cfg.deterministic)
 
     # ==== student, teachers, losses, optimiser ====
-    model_name, model_kwargs = model_config(cfg, data)
-    if cfg.edge_guided:
-        model_kwargs["edge_guided"] = True
-    student = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs).to(device)
-    init_path, init_weights = ((teacher_path, teacher_weights) if cfg.init_student_from_teacher
-                               and teacher_path else (cfg.init_ckpt, "model"))
-    if init_path and not cfg.resume:
-        load_init_weights(student, init_path, model_name, model_kwargs, init_weights)
+    student, model_name, model_kwargs = build_network(cfg, data, device)  # + init_ckpt
+    if cfg.init_student_from_teacher and teacher_path and not cfg.resume:
+        load_init_weights(student, teacher_path, model_name, model_kwargs, teacher_weights)
     freeze_encoder_stages(student, cfg.freeze_encoder_stages)
     modules = {"model": student}
     if cfg.mode != "pseudo_label":
@@ -332,10 +314,9 @@ def main(argv=None):
         static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
     loss_sup = build_loss(cfg).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
-    optimizer = build_optimizer(cfg, [p for p in student.parameters() if p.requires_grad])
     total_iterations = cfg.epochs * iterations
-    scheduler = build_scheduler(cfg, optimizer, total_iterations)
-    scaler = make_scaler(device, cfg)
+    optimizer, scheduler, scaler = build_optimisation(
+        cfg, [p for p in student.parameters() if p.requires_grad], total_iterations, device)
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
                       {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
                        "scaler": scaler}, data, split, norm, device,
@@ -343,11 +324,13 @@ def main(argv=None):
 
     def train_step(batch_x, batch_u, epoch):
         if cfg.mode != "bcp":
-            weight = consistency_weight(cfg, run.iteration / iterations)
+            ramp = run.iteration / iterations / cfg.rampup_epochs if cfg.rampup_epochs > 0 else 1
+            weight = cfg.w_consistency * sigmoid_rampup(ramp)  # w·exp(−5(1−t)²), Laine & Aila
             loss, logs = consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight)
             return loss, {**logs, **pseudo_logs}
         self_training = epoch >= cfg.pretrain_epochs
-        if self_training and (run.iteration - cfg.pretrain_epochs * iterations) % cfg.static_every == 0:
+        self_training_steps = run.iteration - cfg.pretrain_epochs * iterations
+        if self_training and self_training_steps % cfg.static_every == 0:
             static_teacher.load_state_dict(student.state_dict())
         start, end = cfg.mask_ratio_schedule
         ratio = start + (end - start) * run.iteration / max(total_iterations - 1, 1)
@@ -363,7 +346,7 @@ def main(argv=None):
             with autocast(device, cfg):
                 loss, logs = train_step(batch_x, batch_u, epoch)
             optimizer_step(loss, optimizer, scaler, cfg, scheduler)
-            if cfg.mode != "pseudo_label":
+            if cfg.mode != "pseudo_label":  # BCP's too from the start: it is the validated model
                 ema_update(teacher, student, cfg.ema_alpha, run.iteration)
             run.record(logs)
         run.validate(epoch)

@@ -18,7 +18,7 @@ import torch
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation)
 from networks import forward_with_feature_perturbation
-from utils.errors import run_cli
+from utils.errors import InputError, run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
@@ -78,6 +78,10 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
 def main(argv=None):
     # ==== config, device, data ====
     cfg = setup("unimatch", argv, __doc__)
+    if cfg.edge_guided:
+        raise InputError("edge_guided: not supported by train_unimatch.py (its feature-perturbed "
+                         "stream decodes plain features); use train_supervised.py or "
+                         "train_teacher_student.py")
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)

@@ -12,6 +12,7 @@ import inspect
 from functools import partial
 
 from networks.attunet import AttUNet
+from networks.edge import EdgeGuided
 from networks.perturb import forward_with_feature_perturbation
 from networks.pretrained import load_pretrained_encoder
 from networks.segformer import SegFormer
@@ -38,12 +39,13 @@ def model_options(name: str) -> dict:
 
 
 def build_model(name: str, in_channels: int = 1, num_classes: int = 55, pretrained=None,
-                **kwargs):
+                edge_guided: bool = False, **kwargs):
     """Build a registered network on the CPU (move it with .to(device)).
 
     name: one of MODELS; kwargs: the model's options (attunet: base, dropout; segformer_*:
     drop_path_rate, dropout); pretrained: path of a MiT encoder checkpoint (SegFormer only, see
-    networks/pretrained.py). Unknown names or options raise InputError.
+    networks/pretrained.py); edge_guided: wrap the network with an edge branch (networks/edge.py).
+    Unknown names or options raise InputError.
     """
     if name not in MODELS:
         raise InputError(f"model: unknown model {name!r}; valid models: {', '.join(MODELS)}")
@@ -58,6 +60,8 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 55, pretrain
         raise InputError(f"model {name}: invalid option value ({error})") from None
     if pretrained:
         load_pretrained_encoder(model, pretrained)
+    if edge_guided:
+        model = EdgeGuided(model, in_channels)
     return model
 
 

@@ -123,3 +123,13 @@ def edge_loss(edge_logits: torch.Tensor, mask: torch.Tensor, known: torch.Tensor
     weights = weights * torch.where(edges > 0, 1 - positive_share, positive_share)
     losses = F.binary_cross_entropy_with_logits(logits, edges, reduction="none")
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
+def edge_term(edge_logits, mask, known, cfg):
+    """`cfg.edge_weight` × `edge_loss` on the first len(mask) slices (the labeled ones); a zero
+    scalar without an edge branch. known: bool [B, H, W], where a 0 in `mask` is surely
+    background — used only with `cfg.partial_labels`."""
+    if edge_logits is None:
+        return torch.zeros((), device=mask.device)
+    return cfg.edge_weight * edge_loss(edge_logits[:len(mask)], mask,
+                                       known if cfg.partial_labels else None)

@@ -120,6 +120,8 @@ def model_config(cfg, data):
     """(name, kwargs) for `build_model`: the family's `model_kwargs` plus channels and classes."""
     family = "segformer" if cfg.model.startswith("segformer") else cfg.model
     extra = cfg.model_kwargs.get(family, {})
+    if cfg.edge_guided:  # only when on, so plain checkpoints keep their kwargs
+        extra = {**extra, "edge_guided": True}
     return cfg.model, {"in_channels": cfg.in_channels, "num_classes": data.num_classes, **extra}
 
 

@@ -1,0 +1,295 @@
+"""train_teacher_student.py: EMA, ramp-up, aligned views, pseudo-label ranking, BCP mixing, the
+dual teacher, largest components, the edge branch, and a smoke run of each mode."""
+import copy
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import test as test_script
+import train_teacher_student as ts
+from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intensity_augmentation
+from networks import build_model
+from networks.edge import EdgeGuided, edge_loss, edge_targets, forward_with_edges
+from utils.errors import InputError
+from utils.training import ema_update, freeze_encoder_stages, sigmoid_rampup
+
+IGNORE = 255
+
+
+# ==== EMA and ramp-up ====
+@pytest.mark.parametrize("step, decay", [(0, 0.0), (9, 0.9), (1000, 0.99)])
+def test_ema_update_follows_the_formula(step, decay):
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    student(torch.randn(8, 3))                      # move the BatchNorm running statistics
+    teacher = copy.deepcopy(student)
+    for parameter in teacher.parameters():
+        parameter.data.normal_()
+    before = [p.detach().clone() for p in teacher.parameters()]
+    ema_update(teacher, student, alpha=0.99, step=step)
+    for old, new, current in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(new, decay * old + (1 - decay) * current, atol=1e-7)
+    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
+        assert torch.equal(teacher_buffer, student_buffer)   # BatchNorm statistics are copied
+
+
+def test_sigmoid_rampup_values():
+    assert math.isclose(sigmoid_rampup(0.0), 0.006737947, rel_tol=1e-6)   # exp(-5)
+    assert math.isclose(sigmoid_rampup(0.5), 0.286504797, rel_tol=1e-6)   # exp(-1.25)
+    assert sigmoid_rampup(1.0) == 1.0 and sigmoid_rampup(3.0) == 1.0
+
+
+# ==== data: the mean teacher's two views ====
+def bright_centroid(view):
+    """(row, col) centroid of the pixels above the middle of the view's intensity range."""
+    view = view[0].numpy()
+    rows, cols = np.nonzero(view > (view.min() + view.max()) / 2)
+    return rows.mean(), cols.mean()
+
+
+def test_weak_and_strong_views_share_geometry():
+    torch.manual_seed(0)
+    image = np.zeros((1, 64, 64), np.uint8)
+    image[0, 10:18, 36:44] = 255                    # an off-centre bright square
+    cfg = SimpleNamespace(aug_rotate=20.0, aug_translate=0.1, aug_scale=[0.8, 1.2], aug_flip=False)
+    views = UnlabeledSlices(image, [0], 64, {"mean": 0.1, "std": 0.2}, geometric_augmentation(cfg),
+                            intensity_augmentation())
+    weak_centroids = []
+    for _ in range(6):
+        sample = views[0]
+        weak = bright_centroid(sample["image_w"])
+        for strong in (sample["image_s1"], sample["image_s2"]):
+            assert np.allclose(bright_centroid(strong), weak, atol=0.75)
+        weak_centroids.append(weak)
+    assert np.ptp(np.array(weak_centroids), axis=0).max() > 2    # the geometry itself is random
+
+
+# ==== pseudo_label: ranking and confidence filtering ====
+def test_pseudo_label_ranking_keeps_the_top_n_and_ignores_unconfident_pixels():
+    labels = np.zeros((5, 2, 2), np.uint8)
+    confidence = np.full((5, 2, 2), 0.3, np.float32)    # background confidence: not in the score
+    labels[0], confidence[0] = 1, 0.9                              # score 0.9
+    labels[1, 0], confidence[1, 0] = 2, [0.99, 0.97]               # score 0.98
+    labels[3], confidence[3] = 1, [[0.5, 0.6], [0.7, 0.8]]         # score 0.65
+    labels[4, 1, 1], confidence[4, 1, 1] = 3, 0.95                 # score 0.95; slice 2: none, 0
+    order, scores, masks = ts.rank_pseudo_labels(labels, confidence, n_keep=3, conf_thresh=0.8)
+    assert np.allclose(scores, [0.9, 0.98, 0.0, 0.65, 0.95])
+    assert order.tolist() == [1, 4, 0, 3, 2]
+    expected = np.array([[[2, 2], [IGNORE, IGNORE]],
+                         [[IGNORE, IGNORE], [IGNORE, 3]],
+                         [[1, 1], [1, 1]]], np.uint8)
+    assert masks.dtype == np.uint8 and np.array_equal(masks, expected)
+
+
+def test_a_loaded_teacher_sees_its_own_normalisation():
+    raw = torch.rand(2, 1, 4, 4)
+    ours, its = {"mean": 0.2, "std": 0.5}, {"mean": 0.3, "std": 0.25}
+    renormalized = ts.Renormalized(nn.Identity(), ours, its)
+    assert torch.allclose(renormalized((raw - 0.2) / 0.5), (raw - 0.3) / 0.25, atol=1e-6)
+
+
+# ==== BCP ====
+class IntensityClassifier(nn.Module):
+    """3 classes from the input value v: logits (0, 12·v, 12·(1−v)) — v = 1 gives class 1 and
+    v = 0 class 2, both confident. Records its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(()))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        value = x[:, :1]
+        return torch.cat([torch.zeros_like(value), 12 * value, 12 * (1 - value)], 1) + self.offset
+
+
+class Recorder:
+    """A loss that records its arguments and returns 1, 2, 3 … on successive calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, logits, target, ignore=None, **options):
+        self.calls.append({"logits": logits, "target": target, "ignore": ignore, **options})
+        return logits.sum() * 0 + len(self.calls)
+
+
+def bcp_batches(n=4, size=16):
+    batch_x = {"image": torch.ones(n, 1, size, size),
+               "mask": torch.arange(10, 10 + n).view(n, 1, 1).expand(n, size, size).clone(),
+               "annotated": torch.eye(n, 5, dtype=torch.bool),
+               "certain_background": torch.zeros(n, size, size, dtype=torch.bool)}
+    return batch_x, {"image_w": torch.zeros(n, 1, size, size)}
+
+
+def bcp_cfg(**changes):
+    return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
+                              "partial_labels": True, **changes})
+
+
+def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
+    torch.manual_seed(0)
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
+    loss, logs = ts.bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+                             bcp_cfg(), ratio=0.5)
+    mixed = student.inputs[0][:, 0]
+    box = mixed[:2] == 1.0                 # first mixed pair: labeled patches inside unlabeled slices
+    assert torch.equal(box, mixed[2:] == 0.0)           # same box in the other direction
+    assert box.sum((1, 2)).tolist() == [64, 64]         # side 0.5 · 16 = 8
+    rows, cols = box[0].any(1).nonzero().flatten(), box[0].any(0).nonzero().flatten()
+    assert len(rows) == len(cols) == 8 and rows.diff().eq(1).all() and cols.diff().eq(1).all()
+    (gt_in_u, gt_around_u), (pseudo_around_x, pseudo_in_x) = loss_sup.calls, loss_stream.calls
+    # ground truth of x_a inside the box, of x_b around it, each with its own annotated classes
+    assert torch.equal(gt_in_u["target"], batch_x["mask"][:2]) and torch.equal(gt_in_u["ignore"], ~box)
+    assert torch.equal(gt_in_u["annotated"], batch_x["annotated"][:2])
+    assert torch.equal(gt_around_u["target"], batch_x["mask"][2:]) and torch.equal(gt_around_u["ignore"], box)
+    assert torch.equal(gt_around_u["annotated"], batch_x["annotated"][2:])
+    # pseudo-labels (class 2 for the value-0 unlabeled slices) in the other regions
+    assert (pseudo_around_x["target"] == 2).all() and torch.equal(pseudo_around_x["ignore"], box)
+    assert (pseudo_in_x["target"] == 2).all() and torch.equal(pseudo_in_x["ignore"], ~box)
+    assert math.isclose(loss.item(), (1 + 2) + 0.5 * (1 + 2))
+    assert math.isclose(logs["conf_teacher"].item(), 1 / (1 + 2 * math.exp(-12)), rel_tol=1e-6)
+
+
+def test_bcp_pretraining_mixes_labeled_slices_with_their_own_labels():
+    torch.manual_seed(1)
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    batch_x["image"][2:] = 0.5
+    loss, _ = ts.bcp_step(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75)
+    box = student.inputs[0][:, 0] == 0.5                 # x_b's box inside x_a
+    assert box.sum((1, 2)).tolist() == [144, 144] and not loss_stream.calls
+    outer, inner = loss_sup.calls
+    assert torch.equal(outer["target"], batch_x["mask"][:2]) and torch.equal(outer["ignore"], box)
+    assert torch.equal(inner["target"], batch_x["mask"][2:]) and torch.equal(inner["ignore"], ~box)
+    assert torch.equal(inner["annotated"], batch_x["annotated"][2:])
+    assert loss.item() == 1 + 2
+
+
+class FixedLogits(nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, images):
+        return self.logits
+
+
+def test_dual_teacher_takes_each_pixel_from_the_more_confident_teacher():
+    strength = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    zeros = torch.zeros(1, 1, 2, 6)
+    dynamic = torch.cat([zeros, strength.expand(1, 1, 2, 6), zeros], 1)           # class 1, rising
+    static = torch.cat([zeros, zeros, strength.flip(0).expand(1, 1, 2, 6)], 1)    # class 2, falling
+    static[..., 2] = dynamic[..., 2]                           # column 2: a tie (identical output)
+    pseudo, confidence, from_static = ts.dual_teacher_pseudo_labels(
+        FixedLogits(dynamic), FixedLogits(static), torch.zeros(1, 1, 2, 6))
+    # both teachers' confidence is e^s / (e^s + 2): the larger logit s wins; a tie goes to dynamic
+    assert from_static[0, 0].tolist() == [True, True, False, False, False, False]
+    assert torch.equal(pseudo[0], torch.tensor([2, 2, 1, 1, 1, 1]).expand(2, 6))
+    best = torch.tensor([5.0, 4.0, 2.0, 3.0, 4.0, 5.0])
+    assert torch.allclose(confidence[0, 0], best.exp() / (best.exp() + 2))
+
+
+def test_largest_component_per_class_and_slice():
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, :3, :3] = 1                                 # class 1: 9 pixels, kept
+    labels[0, 6, 6:8] = 1                                 # class 1: 2 pixels, cut
+    labels[0, 4, 4] = labels[0, 5, 5] = 2                 # class 2: diagonal = one component
+    labels[1, 7, 7] = 1                                   # slice 1: its only class-1 component
+    pruned = ts.largest_component_labels(labels)
+    expected = labels.clone()
+    expected[0, 6, 6:8] = IGNORE
+    assert torch.equal(pruned, expected)
+
+
+# ==== the edge branch and frozen stages ====
+@pytest.mark.parametrize("name, options", [("attunet", {"base": 4}), ("segformer_b0", {})])
+def test_edge_guided_network(name, options):
+    torch.manual_seed(0)
+    model = EdgeGuided(build_model(name, num_classes=5, **options), in_channels=1).eval()
+    images = torch.randn(2, 1, 40, 56)
+    logits, edge_logits = forward_with_edges(model, images)
+    assert logits.shape == (2, 5, 40, 56) and edge_logits.shape == (2, 1, 40, 56)
+    assert torch.equal(model(images), logits)
+    assert torch.equal(model.decode(model.encode(images), (40, 56)), logits)
+    assert forward_with_edges(model.model, images)[1] is None
+    assert all(p.requires_grad for p in model.parameters())
+    freeze_encoder_stages(model, 2)
+    stages = getattr(model.model.encoder, "stages", model.model.encoder)
+    assert not any(p.requires_grad for stage in stages[:2] for p in stage.parameters())
+    assert all(p.requires_grad for stage in stages[2:] for p in stage.parameters())
+    assert all(p.requires_grad for p in model.edge_head.parameters())
+
+
+def test_edge_targets_against_a_pixel_loop():
+    mask = torch.zeros(1, 7, 7, dtype=torch.long)
+    mask[0, 2:5, 1:4] = 3
+    mask[0, 0, 6] = IGNORE
+    known = torch.zeros(1, 7, 7, dtype=torch.bool)
+    known[0, 6, :] = True
+    edges, valid = edge_targets(mask, known)
+    for r in range(7):
+        for c in range(7):
+            window = mask[0, max(r - 1, 0):r + 2, max(c - 1, 0):c + 2]
+            assert edges[0, r, c] == float(window.unique().numel() > 1)
+            near_ignored = (window == IGNORE).any()
+            near_organ = ((window > 0) & (window != IGNORE)).any()
+            assert valid[0, r, c] == (not near_ignored and (bool(known[0, r, c]) or near_organ))
+    logits = torch.randn(1, 1, 7, 7, requires_grad=True)
+    edge_loss(logits, mask, known).backward()
+    assert (logits.grad[0, 0][~valid[0]] == 0).all() and (logits.grad[0, 0][valid[0]] != 0).all()
+
+
+# ==== a smoke run of each mode, read back by test.py ====
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    from conftest import ROOT
+    monkeypatch.chdir(tmp_path)
+    os.symlink(ROOT / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "co_training"], "mode: unknown 'co_training'"),
+    (["--mode", "bcp", "--batch_size", "3", "--pretrain_epochs", "1"], "batch_size: BCP pairs"),
+    (["--mode", "bcp", "--pretrain_epochs", "2"], "pretrain_epochs: 2 leaves no epoch"),
+    (["--mode", "mean_teacher", "--freeze_encoder_stages", "6"], "freeze_encoder_stages: 6"),
+])
+def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
+    with pytest.raises(InputError, match=message):
+        ts.main(["--config", "configs/tiny.yaml", "--data", str(tiny_phantom), *flags])
+
+
+@pytest.mark.parametrize("mode, flags, logged", [
+    ("mean_teacher", ["--epochs", "1"], {"consistency_weight", "conf_teacher"}),
+    ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1"], {"conf_pseudo", "loss_u"}),
+    ("bcp", ["--iters_per_epoch", "1", "--pretrain_epochs", "1", "--edge_guided", "true"],
+     {"mask_ratio", "static_share", "loss_edge"}),
+])
+def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdir, tiny_phantom,
+                                                     capsys):
+    ts.main(["--config", "configs/tiny.yaml", "--data", str(tiny_phantom), "--out_dir", "run",
+             "--mode", mode, *flags])
+    records = [json.loads(line) for line in (workdir / "run" / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["iteration"] == 2 and logged <= set(records[-1])
+    state = torch.load(workdir / "run" / "best.pth", weights_only=True)
+    assert (state.get("teacher") is not None) == (mode != "pseudo_label")
+    assert state["model_kwargs"].get("edge_guided", False) == ("--edge_guided" in flags)
+    if mode == "pseudo_label":
+        scores = json.loads((workdir / "run" / "pseudo_labels" / "scores.json").read_text())
+        kept = np.load(workdir / "run" / "pseudo_labels" / "masks.npy")
+        assert len(kept) == scores["kept"] == sum(s["kept"] for s in scores["slices"])
+    capsys.readouterr()
+    test_script.main(["--ckpt", str(workdir / "run" / "best.pth"), "--gpu", "-1"])
+    out = capsys.readouterr().out
+    weights = "student" if mode == "pseudo_label" else "teacher"
+    assert f"{weights} weights" in out and "per-class Dice" in out
