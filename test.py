@@ -21,7 +21,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import load_config
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.metrics import dice_table, format_dice_table
+from utils.metrics import dice_table, format_dice_table, rand_index
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
 from utils.training import pick_device, score_predictions
@@ -39,10 +39,19 @@ def find_checkpoint(path):
     raise InputError(f"{path}: checkpoint not found (nor {fallback})")
 
 
-def print_scores(title, scores, truth, predictions, num_classes, class_names):
+def report(title, truth, predictions, data, annotated=None, baseline=False):
+    """Print the challenge scores of `predictions` and, for a model, the per-class table.
+
+    The watershed baseline predicts structure ids, not classes: only its Rand index means
+    anything, so it gets no Dice and no restriction to annotated classes."""
+    if baseline:
+        print(f"{title}: Rand index {rand_index(truth, predictions):.4f} "
+              "(structure ids: no per-class Dice)")
+        return
+    scores = score_predictions(truth, predictions, data.num_classes, annotated)
     print(f"{title}: per-class Dice {scores['dice']:.4f} | Rand index {scores['rand']:.4f} | "
           f"foreground predicted {scores['fg_pred']:.4f} vs true {scores['fg_true']:.4f}")
-    print(format_dice_table(dice_table(truth, predictions, num_classes), class_names))
+    print(format_dice_table(dice_table(truth, predictions, data.num_classes), data.class_names))
 
 
 def main(argv=None):
@@ -111,10 +120,9 @@ def main(argv=None):
         truth = np.asarray(data.train_masks[indices])
         predictions = predict(data.train_images[indices])
         partial = data.annotated[indices] if train_cfg["partial_labels"] else None
-        scores = score_predictions(truth, predictions, data.num_classes, partial)
-        note = " (annotated classes only)" if partial is not None else ""
-        print_scores(f"{cfg.split} ({len(indices)} slices){note}", scores, truth, predictions,
-                     data.num_classes, data.class_names)
+        note = " (annotated classes only)" if partial is not None and model is not None else ""
+        report(f"{cfg.split} ({len(indices)} slices){note}", truth, predictions, data, partial,
+               baseline=model is None)
 
     # ==== test images: submission, and scores when labels exist ====
     summary = []
@@ -129,9 +137,8 @@ def main(argv=None):
             summary.append(f"submission {out} ({masks.shape[1] * masks.shape[2]} pixel rows x "
                            f"{len(names)} images)")
         if data.test_masks is not None:
-            scores = score_predictions(data.test_masks, test_predictions, data.num_classes)
-            print_scores(f"test ({len(data.test_names)} slices, full labels)", scores,
-                         data.test_masks, test_predictions, data.num_classes, data.class_names)
+            report(f"test ({len(data.test_names)} slices, full labels)", data.test_masks,
+                   test_predictions, data, baseline=model is None)
         if cfg.save_png and model is not None:
             count = min(cfg.save_png, len(data.test_names))
             png_dir = out_dir / "predictions_png"
@@ -141,6 +148,8 @@ def main(argv=None):
             summary.append(f"{count} overlays in {png_dir}/")
     else:
         summary.append(f"no test images in {data.root}, so no submission")
+    if model is None:
+        summary.append("the watershed baseline writes no submission")
     print("Done: " + "; ".join(summary) + ". Next: edit a train_*.py script or its config and rerun.")
 
 

@@ -145,3 +145,10 @@ def test_train_errors_exit_2(workdir, capsys, tiny_phantom):
                                                      train_supervised.main)
     assert "nowhere: no train-images" in one_line_error(capsys, TINY + ["--data", "nowhere"],
                                                         train_supervised.main)
+
+
+def test_watershed_baseline_is_scored_by_the_rand_index(tiny_phantom, capsys):
+    test_script.main(["--baseline", "watershed", "--data", str(tiny_phantom), "--gpu", "-1"])
+    out = capsys.readouterr().out
+    assert "val (" in out and "test (6 slices, full labels): Rand index" in out
+    assert "no per-class Dice" in out
