@@ -43,8 +43,7 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 import train_supervised
-from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
-                                  intensity_augmentation)
+from dataloaders.datasets import LabeledSlices
 from networks.edge import edge_term, forward_with_edges
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, config_to_yaml, read_yaml_chain
@@ -56,8 +55,8 @@ from utils.plots import save_overlays
 from utils.postprocess import keep_largest_component
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation, ema_update,
                             epoch_loader, freeze_encoder_stages, iterations_per_epoch, load_data,
-                            load_init_weights, optimizer_step, pick_device, seed_everything, setup,
-                            sigmoid_rampup, unlabeled_pool)
+                            load_init_weights, optimizer_step, pick_device, seed_everything,
+                            semi_supervised_sets, setup, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
@@ -269,15 +268,8 @@ def main(argv=None):
     check_options(cfg)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
-    geometry = geometric_augmentation(cfg)
-    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
-                                air_threshold=cfg.air_threshold)
-    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
-    if len(pool_indices) == 0:
-        raise InputError(f"{data.root}: no unlabeled slices for a teacher–student method")
-    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
-                                    intensity_augmentation())
-    batch_size_u = cfg.batch_size_unlabeled or cfg.batch_size
+    labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
+    pool_images, pool_indices = unlabeled_set.images, unlabeled_set.indices
     # The teacher and the pseudo-labels live inside the run directory, so fix it now.
     cfg.out_dir = cfg.out_dir or str(Path(cfg.resume).parent if cfg.resume else
                                      Path("runs") / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -292,8 +284,8 @@ def main(argv=None):
         arrays, pseudo_logs = pseudo_label_set(
             teacher, facts, data, pool_images, pool_indices, n_keep, cfg,
             Path(cfg.out_dir) / "pseudo_labels", device)
-        pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm, augment=geometry,
-                                   air_threshold=cfg.air_threshold)
+        pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
+                                   augment=labeled_set.augment, air_threshold=cfg.air_threshold)
         joint_set = ConcatDataset([labeled_set, pseudo_set])
         phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
         iterations = iterations_per_epoch(cfg, len(joint_set), cfg.batch_size)

@@ -15,15 +15,13 @@ supervises the two strong views and a feature-perturbed decoding of the weak vie
 """
 import torch
 
-from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
-                                  intensity_augmentation)
 from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
                             epoch_loader, iterations_per_epoch, load_data, optimizer_step,
-                            pick_device, seed_everything, setup, unlabeled_pool)
+                            pick_device, seed_everything, semi_supervised_sets, setup)
 
 
 def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False):
@@ -85,13 +83,7 @@ def main(argv=None):
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
-    geometry = geometric_augmentation(cfg)
-    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
-                                air_threshold=cfg.air_threshold)
-    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
-    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
-                                    intensity_augmentation())
-    batch_size_u = cfg.batch_size_unlabeled or cfg.batch_size
+    labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
     iterations = iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
 
     # ==== model, losses, optimiser ====

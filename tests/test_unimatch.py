@@ -175,3 +175,21 @@ def test_warmup_is_supervised_only():
     loss, logs = unimatch_step(model, batch_x, batch_u, batch_mix,
                                lambda *a, **k: torch.tensor(8.0), stream, make_cfg(), warmup=True)
     assert loss.item() == 8.0 and not stream.calls and len(model.decoded_batches) == 1
+
+
+def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(tiny_phantom, tmp_path,
+                                                                  monkeypatch, capsys):
+    import json
+
+    import test as test_script
+    import train_unimatch
+    from conftest import ROOT
+    monkeypatch.chdir(tmp_path)
+    train_unimatch.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--data",
+                         str(tiny_phantom), "--out_dir", "run", "--epochs", "1"])
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss_x", "loss_s", "loss_fp", "conf_ratio", "val_dice"} <= set(record)
+    assert record["iteration"] == 2
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1"])
+    out = capsys.readouterr().out
+    assert f"per-class Dice {record['val_dice']:.4f}" in out and "trained by unimatch" in out

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from dataloaders.challenge import has_challenge_files, load_challenge, make_split, split_summary
-from dataloaders.datasets import normalization_stats
+from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
+                                  intensity_augmentation, normalization_stats)
 from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from networks import build_model
@@ -156,6 +157,23 @@ def unlabeled_pool(cfg, data, split):
     images = np.concatenate([np.asarray(data.train_images), np.asarray(data.test_images)])
     test = np.arange(len(data.train_images), len(images))
     return images, np.concatenate([split.unlabeled, test])
+
+
+def semi_supervised_sets(cfg, data, split, norm):
+    """(labeled set, unlabeled set, unlabeled batch size) of a semi-supervised script.
+
+    Labeled slices get the weak (geometric) augmentation; unlabeled ones, from `unlabeled_pool`,
+    a weak view and two strong views of the same geometry.
+    """
+    geometry = geometric_augmentation(cfg)
+    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
+                                air_threshold=cfg.air_threshold)
+    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
+    if len(pool_indices) == 0:
+        raise InputError(f"{data.root}: no unlabeled slices for a semi-supervised method")
+    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
+                                    intensity_augmentation())
+    return labeled_set, unlabeled_set, cfg.batch_size_unlabeled or cfg.batch_size
 
 
 def load_init_weights(model, path, model_name, model_kwargs, weights="model"):
