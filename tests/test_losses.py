@@ -345,6 +345,19 @@ def test_certain_background_ce_acts_only_on_those_pixels():
     assert torch.all(extra[~used] == 0) and torch.all(extra[used].abs().sum(-1) > 0)
 
 
+def test_zero_ce_acts_on_every_zero_pixel_and_only_with_marginal_losses():
+    logits, target, ignore, annotated = random_batch(9)
+    used = (target == 0) & ~ignore
+    minus_log_p0 = -(logits[:, 0] - logits.exp().sum(1).log())
+    plain = build_loss(SimpleNamespace(loss="marginal_dice"))
+    weighted = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.2))
+    difference = (weighted(logits, target, ignore, annotated)
+                  - plain(logits, target, ignore, annotated)).item()
+    assert used.any() and difference == pytest.approx(0.2 * float(minus_log_p0[used].mean()), rel=1e-10)
+    full_labels = SimpleNamespace(loss="dice", zero_ce_weight=0.2)
+    assert "zero_ce" not in build_loss(full_labels).terms(logits, target, ignore, annotated)
+
+
 # ----------------------------------------------------------------- degenerate inputs
 def every_loss_value(logits, target, ignore):
     """Every loss on logits (not on probability maps, so MSE is left out)."""

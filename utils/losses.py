@@ -294,13 +294,14 @@ class SupervisedLoss(nn.Module):
     """
 
     def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
-                 exclusion_weight=0.0, background_ce_weight=1.0):
+                 exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0):
         super().__init__()
         self.name = name
         self.marginal = marginal
         self.dice_options = dict(dice_options or {})
         self.exclusion_weight = exclusion_weight
         self.background_ce_weight = background_ce_weight
+        self.zero_ce_weight = zero_ce_weight
         self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
 
     def update_kappa(self, dice_per_class):
@@ -330,6 +331,11 @@ class SupervisedLoss(nn.Module):
             excluded = ~certain_background.bool() if ignore is None else ignore.bool() | ~certain_background.bool()
             background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
             terms["background_ce"] = self.background_ce_weight * cross_entropy(logits, background, excluded)
+        if self.marginal and self.zero_ce_weight > 0:
+            # a weak prior that a 0-pixel is background, against the SPEC §6 trap inside the body
+            not_zero = target != 0 if ignore is None else ignore.bool() | (target != 0)
+            terms["zero_ce"] = self.zero_ce_weight * cross_entropy(logits, torch.zeros_like(target),
+                                                                   not_zero)
         return terms
 
     def forward(self, logits, target, ignore=None, annotated=None, certain_background=None):
@@ -353,7 +359,9 @@ def build_loss(cfg):
     Keys: loss (one of LOSS_NAMES, default dice_ce), num_classes (needed for tvmf_dice),
     partial_labels (False; True turns dice/ce/dice_ce into their marginal versions and marginalises
     tvmf_dice over unannotated classes), dice_squared (False), dice_include_background (False),
-    dice_smooth (1e-5), tvmf_lambda (32.0), exclusion_weight (0.0), background_ce_weight (1.0).
+    dice_smooth (1e-5), tvmf_lambda (32.0), exclusion_weight (0.0), background_ce_weight (1.0),
+    zero_ce_weight (0.0: with marginal losses, that weight × plain CE toward background on every
+    0-pixel).
     """
     name = getattr(cfg, "loss", "dice_ce")
     if name not in LOSS_NAMES:
@@ -366,7 +374,8 @@ def build_loss(cfg):
     return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
                           tvmf_lambda=float(getattr(cfg, "tvmf_lambda", 32.0)),
                           exclusion_weight=float(getattr(cfg, "exclusion_weight", 0.0)),
-                          background_ce_weight=float(getattr(cfg, "background_ce_weight", 1.0)))
+                          background_ce_weight=float(getattr(cfg, "background_ce_weight", 1.0)),
+                          zero_ce_weight=float(getattr(cfg, "zero_ce_weight", 0.0)))
 
 
 def build_stream_loss(name, cfg=None):
