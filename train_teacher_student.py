@@ -32,7 +32,6 @@ validated and which test.py uses unless `--weights student`.
 """
 import copy
 import json
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +55,7 @@ from utils.postprocess import keep_largest_component
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation, ema_update,
                             epoch_loader, freeze_encoder_stages, iterations_per_epoch, load_data,
                             load_init_weights, optimizer_step, pick_device, seed_everything,
-                            semi_supervised_sets, setup, sigmoid_rampup)
+                            run_directory, semi_supervised_sets, setup, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
@@ -271,8 +270,7 @@ def main(argv=None):
     labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
     pool_images, pool_indices = unlabeled_set.images, unlabeled_set.indices
     # The teacher and the pseudo-labels live inside the run directory, so fix it now.
-    cfg.out_dir = cfg.out_dir or str(Path(cfg.resume).parent if cfg.resume else
-                                     Path("runs") / f"{cfg.mode}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg.out_dir = str(run_directory(cfg, cfg.mode))
 
     # ==== pseudo_label: teacher, pseudo-labels, and the training set of each phase ====
     phase_sets, iterations = (labeled_set, labeled_set), None

@@ -350,6 +350,16 @@ def evaluate(model, data, indices, cfg, norm, device):
 
 
 # ==== the run directory ====
+def run_directory(cfg, method):
+    """`out_dir` if given, else the folder of the checkpoint being resumed, else
+    `runs/<method>-<timestamp>`."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if cfg.resume:
+        return Path(cfg.resume).resolve().parent
+    return Path("runs") / f"{method}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
 class TrainingRun:
     """Run directory, checkpoints, log, plots, resume, epochs, validation, early stopping and
     the NaN guard — everything around a training step. A script's loop reads:
@@ -377,15 +387,9 @@ class TrainingRun:
         self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
         self.start_epoch, self.iteration, self.started = 0, 0, time.time()
         self.stopped, self.meters, self.epoch = False, Meters(), 0
-        resume = Path(cfg.resume) if cfg.resume else None
-        if resume is not None:
-            self._restore(resume)
-        if cfg.out_dir:
-            self.dir = Path(cfg.out_dir)
-        elif resume is not None:
-            self.dir = resume.resolve().parent
-        else:
-            self.dir = Path("runs") / f"{method}-{datetime.now():%Y%m%d-%H%M%S}"
+        if cfg.resume:
+            self._restore(Path(cfg.resume))
+        self.dir = run_directory(cfg, method)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._point_latest()
         (self.dir / "config.yaml").write_text(config_to_yaml(cfg))
