@@ -8,7 +8,6 @@ modification times; later runs memory-map the cache.
 """
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from dataloaders.label_csv import load_label_masks
 from utils.errors import InputError
+from utils.files import atomic_path
 
 LABEL_FILES = ("y_train.csv", "label_Hnl61pT.csv")
 
@@ -143,10 +143,8 @@ def _write_cache(cache, array, source):
     try:
         for old in cache.parent.glob(f".{source.name}.*.cache.npy"):
             old.unlink()
-        temporary = cache.with_name(cache.name + ".tmp")
-        with open(temporary, "wb") as handle:
+        with atomic_path(cache) as temporary, open(temporary, "xb") as handle:
             np.save(handle, array)
-        os.replace(temporary, cache)
     except OSError:
         pass  # a read-only data folder just means no cache
 

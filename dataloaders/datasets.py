@@ -10,9 +10,33 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
+from scipy import ndimage
 from torchvision.transforms import v2
 
-from utils.postprocess import outside_air_mask
+# 4-connectivity within each slice of a (N, H, W) stack: a corner contact is not enough to join a
+# dark pocket inside the body to the air around it, which keeps "certain background" conservative.
+_FOUR_CONNECTED = np.zeros((3, 3, 3), bool)
+_FOUR_CONNECTED[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def outside_air_mask(image, threshold=10):
+    """Pixels darker than `threshold` that are 4-connected to the image border.
+
+    image: (H, W) or (N, H, W) grayscale (uint8, 0-255 for the challenge PNGs). Returns a bool
+    array of the same shape: the air around the body. Dark pockets enclosed by the body (bowel gas,
+    lungs) are not included.
+    """
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (N, H, W) array, got shape {image.shape}")
+    stack = image.reshape((-1,) + image.shape[-2:])
+    labels, _ = ndimage.label(stack < threshold, structure=_FOUR_CONNECTED)
+    border_labels = np.concatenate([labels[:, 0, :], labels[:, -1, :],
+                                    labels[:, :, 0], labels[:, :, -1]], axis=1)
+    touches_border = np.zeros(labels.max() + 1, bool)
+    touches_border[border_labels] = True
+    touches_border[0] = False
+    return touches_border[labels].reshape(image.shape)
 
 
 def normalization_stats(images):

@@ -24,12 +24,12 @@ import io
 import json
 import os
 import re
-import secrets
 import warnings
 
 import numpy as np
 
 from utils.errors import InputError
+from utils.files import atomic_path
 
 _CHUNK_BYTES = 8 << 20  # at most: a chunk's int64 separator positions then stay ~32 MB
 _MIN_CHUNK_BYTES = 64 << 10  # chunks are ~1/16 of the file between the two, so memory scales with it
@@ -336,7 +336,8 @@ def write_label_csv(path, masks, image_names):
             for text in pool.map(lambda start: _format_rows(values_by_image, start), starts):
                 file.write(text)
 
-    _atomic_write(path, write)
+    with atomic_path(path) as temporary, open(temporary, "xb") as file:
+        write(file)
 
 
 def _format_rows(values_by_image, start):
@@ -383,9 +384,11 @@ def load_label_masks(path):
     after = os.stat(path)
     if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):  # not rewritten meanwhile
         try:
-            _atomic_write(npy_path, lambda file: np.save(file, masks))
+            with atomic_path(npy_path) as temporary, open(temporary, "xb") as file:
+                np.save(file, masks)
             description = dict(key, image_names=image_names, shape=list(masks.shape))
-            _atomic_write(json_path, lambda file: file.write(json.dumps(description).encode()))
+            with atomic_path(json_path) as temporary, open(temporary, "x") as file:
+                file.write(json.dumps(description))
         except OSError as error:
             folder = os.path.dirname(os.path.abspath(path))
             if folder not in _unwritable_cache_dirs:
@@ -407,22 +410,3 @@ def _open_cache(npy_path, json_path, key):
         return masks, list(description["image_names"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _atomic_write(path, write):
-    """Call `write(binary_file)` on a temporary file next to `path`, then rename it over `path`.
-
-    On any failure the temporary file is removed and an existing `path` is left untouched.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as file:  # plain open: permissions follow the umask
-            write(file)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dataloaders.label_csv import write_label_csv
 from utils.errors import InputError, run_cli
+from utils.files import atomic_path
 
 CLASS_NAMES = {
     0: "background", 1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left", 5: "aorta",
@@ -676,9 +677,8 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     (out_dir / "annotated_labels.json").write_text(json.dumps(annotated) + "\n")
     (out_dir / "classes.yaml").write_text(
         "".join(f"{i}: {name}\n" for i, name in CLASS_NAMES.items()))
-    temporary = out_dir / (COMPLETE_MARKER + ".tmp")
-    temporary.write_text(json.dumps(settings) + "\n")
-    os.replace(temporary, out_dir / COMPLETE_MARKER)  # last and atomic: the folder is complete
+    with atomic_path(out_dir / COMPLETE_MARKER) as temporary:  # last: the folder is complete
+        Path(temporary).write_text(json.dumps(settings) + "\n")
     return out_dir
 
 

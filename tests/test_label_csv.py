@@ -260,7 +260,7 @@ def test_cache_in_a_read_only_folder_warns_once(tmp_path, monkeypatch):
     def refuse(*args):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(label_csv, "_atomic_write", refuse)
+    monkeypatch.setattr(label_csv, "atomic_path", refuse)
     monkeypatch.setattr(label_csv, "_unwritable_cache_dirs", set())
     with pytest.warns(UserWarning, match="cannot write the label cache"):
         first, _ = load_label_masks(path)

@@ -3,7 +3,8 @@ from math import comb
 
 import numpy as np
 
-from utils.postprocess import (keep_largest_component, outside_air_mask, postprocess,
+from dataloaders.datasets import outside_air_mask
+from utils.postprocess import (keep_largest_component, postprocess,
                                remove_small_components, watershed_baseline)
 
 

@@ -10,27 +10,21 @@
 Writes go to a temporary file in the same folder and are renamed over the target, so a crash
 never leaves a truncated checkpoint.
 """
-import os
 from pathlib import Path
 
 import torch
 
 from networks import build_model
 from utils.errors import InputError
+from utils.files import atomic_path
 
 FORMAT = "fewctseg-checkpoint"
 
 
 def save_checkpoint(state, path):
     """Atomically write `state` (a plain dict of tensors and Python values) to `path`."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         torch.save({"format": FORMAT, "version": 1, **state}, temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -6,7 +6,6 @@ mid-write never leaves a truncated `curves.png` behind.
 """
 import math
 import os
-import tempfile
 
 import cv2
 import matplotlib
@@ -15,6 +14,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+from utils.files import atomic_path  # noqa: E402
 
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
@@ -71,26 +72,10 @@ def overlay(image, mask, num_classes, alpha=0.5):
     return np.where((mask > 0)[..., None], blended, gray)
 
 
-def _atomic_write(path, write):
-    """Call write(temporary_path) then rename it to `path`; the temporary file keeps the extension
-    (matplotlib and OpenCV pick the format from it) and is removed if writing fails."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    stem, extension = os.path.splitext(os.path.basename(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{stem}.", suffix=extension, dir=folder)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.remove(temporary)
-        raise
-
-
 def _save_figure(figure, path):
     try:
-        _atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100))
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, dpi=100)
     finally:
         plt.close(figure)
 
@@ -189,11 +174,9 @@ def _write_png(path, rgb):
     """Save a (H, W, 3) uint8 RGB array as a PNG with OpenCV (which wants BGR), atomically."""
     bgr = np.ascontiguousarray(rgb[..., ::-1])
 
-    def write(temporary):
+    with atomic_path(path) as temporary:
         if not cv2.imwrite(temporary, bgr):
             raise OSError(f"{path}: could not write the PNG")
-
-    _atomic_write(path, write)
 
 
 def save_overlays(out_dir, names, images, preds, num_classes, truths=None):

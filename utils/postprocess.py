@@ -2,20 +2,18 @@
 
 Class maps are integer arrays `(H, W)` or `(N, H, W)`, 0 = background. Connected components are
 found within each slice only (a stack of 2D slices in random order has no 3D neighbourhood):
-- predictions use 8-connectivity: pixels touching by a corner belong to the same component, so
-  a thin diagonal structure (a vessel, the edge of a rotated organ) is not shattered into pieces;
-- outside air uses 4-connectivity: a corner contact is not enough to join a dark pocket inside the
-  body to the air around it, which keeps the "certain background" mask conservative.
+predictions use 8-connectivity: pixels touching by a corner belong to the same component, so a
+thin diagonal structure (a vessel, the edge of a rotated organ) is not shattered into pieces.
 """
 import numpy as np
 from scipy import ndimage
 from skimage import filters, morphology, segmentation
 
+from dataloaders.datasets import outside_air_mask
+
 # Slice-wise structuring elements for a (N, H, W) stack: nothing connects along N.
 _EIGHT_CONNECTED = np.zeros((3, 3, 3), bool)
 _EIGHT_CONNECTED[1] = True
-_FOUR_CONNECTED = np.zeros((3, 3, 3), bool)
-_FOUR_CONNECTED[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _as_stack(array):
@@ -92,23 +90,6 @@ def postprocess(pred, min_size=0, single_instance=()):
     pred: (H, W) or (N, H, W) integer class map; returns a new array of the same shape and dtype.
     """
     return remove_small_components(keep_largest_component(pred, single_instance), min_size)
-
-
-def outside_air_mask(image, threshold=10):
-    """Pixels darker than `threshold` that are 4-connected to the image border.
-
-    image: (H, W) or (N, H, W) grayscale (uint8, 0-255 for the challenge PNGs). Returns a bool
-    array of the same shape: the air around the body. Dark pockets enclosed by the body (bowel gas,
-    lungs) are not included.
-    """
-    stack, restore = _as_stack(image)
-    labels, _ = ndimage.label(stack < threshold, structure=_FOUR_CONNECTED)
-    border_labels = np.concatenate([labels[:, 0, :], labels[:, -1, :],
-                                    labels[:, :, 0], labels[:, :, -1]], axis=1)
-    touches_border = np.zeros(labels.max() + 1, bool)
-    touches_border[border_labels] = True
-    touches_border[0] = False
-    return restore(touches_border[labels])
 
 
 def watershed_baseline(images, median_radius=2, marker_threshold=0.02, min_marker_size=20,

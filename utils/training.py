@@ -30,6 +30,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkp
 from networks import build_model
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
+from utils.files import atomic_path
 from utils.inference import predict_slices
 from utils.metrics import per_class_dice, rand_index
 from utils.plots import plot_curves, plot_examples
@@ -401,12 +402,9 @@ class TrainingRun:
         latest = Path("runs") / "latest"
         latest.parent.mkdir(exist_ok=True)
         target = os.path.relpath(self.dir.resolve(), latest.parent.resolve())
-        temporary = latest.with_name(".latest.tmp")
-        if temporary.is_symlink():
-            temporary.unlink()
         try:
-            temporary.symlink_to(target, target_is_directory=True)
-            os.replace(temporary, latest)
+            with atomic_path(latest) as temporary:
+                os.symlink(target, temporary, target_is_directory=True)
         except OSError as error:
             print(f"warning: could not point runs/latest at {self.dir} ({error})")
 
