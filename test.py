@@ -21,10 +21,10 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import load_config
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.metrics import dice_table, format_dice_table, rand_index
+from utils.metrics import dice_table, format_dice_table, rand_index, score_predictions
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
-from utils.training import pick_device, score_predictions
+from utils.training import pick_device
 
 
 def find_checkpoint(path):

@@ -188,6 +188,33 @@ def _map_tables(truth, pred, truth_labels, pred_labels, reduce):
 # ---------------------------------------------------------------- command line
 
 
+def restrict_to_annotated(predictions, annotated):
+    """Set predicted pixels of classes not annotated on their slice to 0.
+
+    Validation slices come from partially annotated images: there a correctly found but
+    unannotated organ would count as a false positive, so it is removed before scoring.
+    `predictions (N,H,W)` ints, `annotated (N,C)` bool.
+    """
+    allowed = annotated.copy()
+    allowed[:, 0] = True
+    keep = allowed[np.arange(len(predictions))[:, None, None], predictions]
+    return np.where(keep, predictions, 0).astype(predictions.dtype)
+
+
+def score_predictions(truth, predictions, num_classes, annotated=None):
+    """The challenge metrics (README, Metrics) of `predictions` vs `truth`, both `(N,H,W)`.
+
+    With `annotated (N,C)` (partial labels) only annotated classes are scored. Returns plain
+    floats `dice`, `rand`, the foreground fractions `fg_pred`/`fg_true` (a check that the
+    model still predicts background) and `per_class_dice (C,)`.
+    """
+    scored = predictions if annotated is None else restrict_to_annotated(predictions, annotated)
+    dice, per_class = per_class_dice(truth, scored, num_classes)
+    return {"dice": float(dice), "rand": float(rand_index(truth, scored)),
+            "fg_pred": float((predictions > 0).mean()), "fg_true": float((truth > 0).mean()),
+            "per_class_dice": per_class}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Score a label CSV against a ground-truth label CSV "
                                                  "(per-class Dice, #165, and adjusted Rand index, #150).")

@@ -32,7 +32,7 @@ from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 from utils.files import atomic_path
 from utils.inference import predict_slices
-from utils.metrics import per_class_dice, rand_index
+from utils.metrics import score_predictions
 from utils.plots import plot_curves, plot_examples
 
 PHANTOM_DIR = Path("data/phantom")
@@ -308,33 +308,6 @@ def sigmoid_rampup(t):
 
 
 # ==== evaluation ====
-def restrict_to_annotated(predictions, annotated):
-    """Set predicted pixels of classes not annotated on their slice to 0.
-
-    Validation slices come from partially annotated images: there a correctly found but
-    unannotated organ would count as a false positive, so it is removed before scoring.
-    `predictions (N,H,W)` ints, `annotated (N,C)` bool.
-    """
-    allowed = annotated.copy()
-    allowed[:, 0] = True
-    keep = allowed[np.arange(len(predictions))[:, None, None], predictions]
-    return np.where(keep, predictions, 0).astype(predictions.dtype)
-
-
-def score_predictions(truth, predictions, num_classes, annotated=None):
-    """The challenge metrics (SPEC §4) of `predictions` vs `truth`, both `(N,H,W)`.
-
-    With `annotated (N,C)` (partial labels) only annotated classes are scored. Returns plain
-    floats `dice`, `rand`, the foreground fractions `fg_pred`/`fg_true` (the SPEC §6 check
-    that the model still predicts background) and `per_class_dice (C,)`.
-    """
-    scored = predictions if annotated is None else restrict_to_annotated(predictions, annotated)
-    dice, per_class = per_class_dice(truth, scored, num_classes)
-    return {"dice": float(dice), "rand": float(rand_index(truth, scored)),
-            "fg_pred": float((predictions > 0).mean()), "fg_true": float((truth > 0).mean()),
-            "per_class_dice": per_class}
-
-
 def evaluate(model, data, indices, cfg, norm, device):
     """Predict and score the training-set slices `indices` (the validation split).
 
