@@ -1,4 +1,4 @@
-"""Score a checkpoint and write the challenge submission (SPEC §7.4).
+"""Score a checkpoint and write the challenge submission.
 
     python test.py --ckpt best.pth                  # tries runs/latest/best.pth if ./best.pth is absent
     python test.py --ckpt runs/latest/best.pth --tta shift --postprocess true --save_png 8
@@ -18,13 +18,13 @@ from tqdm import tqdm
 from dataloaders.challenge import load_challenge, make_split
 from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import load_config
+from utils.config import CONFIG_DIR, load_config, read_yaml_chain
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
 from utils.metrics import dice_table, format_dice_table, rand_index, score_predictions
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
-from utils.training import pick_device
+from utils.runtime import pick_device
 
 
 def find_checkpoint(path):
@@ -70,8 +70,7 @@ def main(argv=None):
             raise InputError("--baseline watershed needs --data (there is no checkpoint)")
         state, model, out_dir = None, None, Path(cfg.data)
         data = load_challenge(cfg.data)
-        train_cfg = {"labeled_ratio": 0.8, "num_labeled": 0, "split_seed": 0,
-                     "partial_labels": True}
+        train_cfg = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the training defaults' split
         print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
     else:
         ckpt = find_checkpoint(cfg.ckpt)

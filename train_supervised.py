@@ -1,4 +1,4 @@
-"""Supervised baseline: AttUNet or SegFormer trained on the labeled slices only (SPEC §7.1).
+"""Supervised baseline: AttUNet or SegFormer trained on the labeled slices only.
 
     python train_supervised.py                                  # phantom preset if data/ is empty
     python train_supervised.py --data data --labeled_ratio 0.8 --gpu 0 --loss tvmf_dice
@@ -10,17 +10,18 @@ evaluation); with `partial_labels: true` the marginal variants treat 0-pixels as
 an organ not annotated on this image" (utils/losses.py).
 """
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
-from networks.edge import edge_term, forward_with_edges
+from networks.edge import forward_with_edges
+from utils.builders import build_network, epoch_loader, iterations_per_epoch, load_data
+from utils.engine import TrainingRun
 from utils.errors import run_cli
-from utils.losses import build_loss
-from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
-                            epoch_loader, iterations_per_epoch, load_data, optimizer_step,
-                            pick_device, seed_everything, setup)
+from utils.losses import build_loss, edge_term
+from utils.optim import autocast, build_optimisation, optimizer_step
+from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
 
-def main(argv=None):
-    # ==== config, device, data ====
-    cfg = setup("supervised", argv, __doc__)
+def train(cfg):
+    """Train with the resolved config `cfg`; returns the run directory (best.pth is in it).
+    `train_teacher_student.py` calls this for its pseudo_label teacher."""
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
@@ -50,15 +51,31 @@ def main(argv=None):
         return loss, logs
 
     # ==== loop: train an epoch, validate, checkpoint ====
-    for epoch in run.epochs():
+    for epoch in range(run.start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
+        model.train()
         loader = epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size)
-        for batch in run.steps(loader, iterations):
+        for batch in run.steps(loader, iterations, epoch):
             with autocast(device, cfg):
                 loss, logs = train_step(batch)
-            optimizer_step(loss, optimizer, scaler, cfg, scheduler)
+            optimizer_step(loss, optimizer, scaler, cfg)
+            if cfg.scheduler == "poly":
+                scheduler.step()
             run.record(logs)
-        run.validate(epoch)
+        scores = run.validate(epoch)
+        if scores is not None:
+            loss_fn.update_kappa(scores["per_class_dice"])  # t-vMF Dice: κ from validation Dice
+            if cfg.scheduler == "plateau":
+                scheduler.step(scores[f"val_{cfg.select_metric}"])
+            run.checkpoint(epoch, scores)
+        if run.stopped:
+            break
     run.finish()
+    return run.dir
+
+
+def main(argv=None):
+    train(setup("supervised", argv, __doc__))
 
 
 if __name__ == "__main__":

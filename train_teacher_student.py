@@ -1,4 +1,4 @@
-"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP (SPEC §7.3).
+"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP.
 
     python train_teacher_student.py --mode pseudo_label --num_labeled 8   # teacher, labels, student
     python train_teacher_student.py --mode pseudo_label --teacher_ckpt runs/sup/best.pth \
@@ -17,7 +17,7 @@
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
   the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
 - bcp — Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image Segmentation",
-  CVPR 2023, with the dual teacher and edge guidance of Hsu & Hua (seeds/002): labeled slices pasted
+  CVPR 2023, with the dual teacher and edge guidance of Hsu & Hua (2024): labeled slices pasted
   into each other (pre-training), then a labeled box pasted into an unlabeled slice and an unlabeled
   box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher.
 
@@ -37,31 +37,32 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 import train_supervised
 from dataloaders.datasets import LabeledSlices
-from networks.edge import edge_term, forward_with_edges
+from networks.edge import forward_with_edges
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
+                            load_init_weights, semi_supervised_sets)
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import CONFIG_DIR, config_to_yaml, read_yaml_chain
+from utils.config import CONFIG_DIR, Config, read_yaml_chain
+from utils.engine import TrainingRun, run_directory
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consistency
+from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, edge_term, mse_consistency
 from utils.mixing import paste, random_boxes
+from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
-from utils.postprocess import keep_largest_component
-from utils.training import (TrainingRun, autocast, build_network, build_optimisation, ema_update,
-                            epoch_loader, freeze_encoder_stages, iterations_per_epoch, load_data,
-                            load_init_weights, optimizer_step, pick_device, seed_everything,
-                            run_directory, semi_supervised_sets, setup, sigmoid_rampup)
+from utils.runtime import pick_device, seed_epoch, seed_everything, setup
+from utils.teachers import (Renormalized, ema_update, freeze_encoder_stages,
+                            largest_component_labels, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
 
 
-# ==== the training steps: the only method-specific parts ====
+# ==== the losses of the modes ====
 def supervised(loss_sup, logits, source, ignore=None):
     """The supervised loss of `logits` against a labeled batch dict (partial labels aware)."""
     return loss_sup(logits, source["mask"], ignore=ignore, annotated=source["annotated"],
@@ -72,7 +73,7 @@ def edge_logs(loss_edge, cfg):
     return {"loss_edge": loss_edge} if cfg.edge_guided else {}
 
 
-def consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
+def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
     """pseudo_label and mean_teacher: supervised loss on the labeled (+ pseudo-labelled) batch and
     `weight`·MSE between the student's softmax on the strong view and the teacher's on the weak
     view of the same unlabeled slices. Returns (loss, logs)."""
@@ -88,7 +89,7 @@ def consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
                   "conf_teacher": prob_u_w.max(1).values.mean(), **edge_logs(loss_edge, cfg)}
 
 
-def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio):
+def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio):
     """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
 
     A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
@@ -129,6 +130,57 @@ def bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
                   **edge_logs(loss_edge, cfg)}
 
 
+# ==== the training steps: each mode's whole step, schedule and teacher updates included ====
+# `m` holds the run's parts (student, teacher, static_teacher, loss_sup, loss_stream, optimizer,
+# scaler, device); `it` the position: epoch, iteration (steps before this one), per_epoch, total.
+def ramped_consistency_weight(cfg, it):
+    """w·exp(−5(1−t)²) with t = epochs done / `rampup_epochs` (Laine & Aila 2017)."""
+    ramp = it.iteration / it.per_epoch / cfg.rampup_epochs if cfg.rampup_epochs > 0 else 1
+    return cfg.w_consistency * sigmoid_rampup(ramp)
+
+
+def pseudo_label_step(m, batch_x, batch_u, it, cfg):
+    """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
+    with autocast(m.device, cfg):
+        loss, logs = consistency_loss(m.student, m.teacher, batch_x, batch_u, m.loss_sup, cfg,
+                                      ramped_consistency_weight(cfg, it))
+    optimizer_step(loss, m.optimizer, m.scaler, cfg)
+    return logs
+
+
+def mean_teacher_step(m, batch_x, batch_u, it, cfg):
+    """Supervised loss, ramped MSE to the EMA teacher, then the teacher follows the student."""
+    with autocast(m.device, cfg):
+        loss, logs = consistency_loss(m.student, m.teacher, batch_x, batch_u, m.loss_sup, cfg,
+                                      ramped_consistency_weight(cfg, it))
+    optimizer_step(loss, m.optimizer, m.scaler, cfg)
+    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    return logs
+
+
+def bcp_step(m, batch_x, batch_u, it, cfg):
+    """Labeled copy-paste for `pretrain_epochs`, then bidirectional copy-paste with the dual
+    teacher: the static teacher takes the student's weights every `static_every` steps of
+    self-training, the box side follows `mask_ratio_schedule`, the EMA teacher follows the
+    student from the start (it is the validated model)."""
+    self_training = it.epoch >= cfg.pretrain_epochs
+    self_training_steps = it.iteration - cfg.pretrain_epochs * it.per_epoch
+    if self_training and self_training_steps % cfg.static_every == 0:
+        m.static_teacher.load_state_dict(m.student.state_dict())
+    start, end = cfg.mask_ratio_schedule
+    ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
+    with autocast(m.device, cfg):
+        loss, logs = bcp_loss(m.student, (m.teacher, m.static_teacher) if self_training else None,
+                              batch_x, batch_u, m.loss_sup, m.loss_stream, cfg, ratio)
+    optimizer_step(loss, m.optimizer, m.scaler, cfg)
+    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    return logs
+
+
+TRAIN_STEPS = {"pseudo_label": pseudo_label_step, "mean_teacher": mean_teacher_step,
+               "bcp": bcp_step}
+
+
 @torch.no_grad()
 def dual_teacher_pseudo_labels(dynamic, static, images):
     """Per pixel the argmax of the more confident teacher (ties: the dynamic one), then each
@@ -141,15 +193,6 @@ def dual_teacher_pseudo_labels(dynamic, static, images):
     return largest_component_labels(labels), torch.maximum(conf_dynamic, conf_static), from_static
 
 
-def largest_component_labels(labels):
-    """int [B, H, W] -> the same with each class (> 0) cut to its largest 8-connected component
-    per slice (BCP's cleaning of pseudo-labels). The cut pixels become IGNORE_INDEX rather than
-    background: CT classes such as bowel have several true components, and the teacher did
-    not see background there."""
-    array = labels.cpu().numpy()
-    classes = np.unique(array)
-    kept = keep_largest_component(array, classes[classes > 0])
-    return torch.from_numpy(np.where(kept != array, IGNORE_INDEX, array)).to(labels.device)
 
 
 # ==== pseudo_label: teacher and pseudo-label set ====
@@ -176,14 +219,12 @@ def prepare_teacher(cfg, device):
     Returns (teacher in eval mode, checkpoint path, weights name, the checkpoint's data facts)."""
     path = Path(cfg.teacher_ckpt or Path(cfg.out_dir) / "teacher" / "best.pth")
     if not cfg.teacher_ckpt and not (cfg.resume and path.is_file()):
-        shared = {key: cfg[key] for key in read_yaml_chain(CONFIG_DIR / "supervised.yaml")[0]
-                  if key not in ("epochs", "out_dir", "resume")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (path.parent / "shared_config.yaml").write_text(config_to_yaml(shared))
+        supervised_keys = read_yaml_chain(CONFIG_DIR / "supervised.yaml")[0]
+        teacher_cfg = Config({key: cfg[key] for key in supervised_keys})
+        teacher_cfg.update(epochs=cfg.teacher_epochs or cfg.epochs, out_dir=str(path.parent),
+                           resume="")
         print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
-        train_supervised.main(["--config", str(path.parent / "shared_config.yaml"),
-                               "--out_dir", str(path.parent),
-                               "--epochs", str(cfg.teacher_epochs or cfg.epochs)])
+        train_supervised.train(teacher_cfg)
     state = load_checkpoint(path, map_location=device)
     weights = "teacher" if state.get("teacher") is not None else "model"
     teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)
@@ -194,17 +235,6 @@ def prepare_teacher(cfg, device):
     return teacher, path, weights, state["data"]
 
 
-class Renormalized(nn.Module):
-    """A loaded teacher trained with other intensity statistics (`its`) fed our batches (`ours`):
-    x·s_ours/s_its + (m_ours − m_its)/s_its restores the normalisation it was trained with."""
-
-    def __init__(self, model, ours, its):
-        super().__init__()
-        self.model, self.scale = model, ours["std"] / its["std"]
-        self.shift = (ours["mean"] - its["mean"]) / its["std"]
-
-    def forward(self, images):
-        return self.model(images * self.scale + self.shift)
 
 
 def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device):
@@ -297,7 +327,7 @@ def main(argv=None):
     if cfg.init_student_from_teacher and teacher_path and not cfg.resume:
         load_init_weights(student, teacher_path, model_name, model_kwargs, teacher_weights)
     freeze_encoder_stages(student, cfg.freeze_encoder_stages)
-    modules = {"model": student}
+    modules, static_teacher = {"model": student}, None
     if cfg.mode != "pseudo_label":
         teacher = modules["teacher"] = copy.deepcopy(student).eval().requires_grad_(False)
     if cfg.mode == "bcp":
@@ -312,34 +342,33 @@ def main(argv=None):
                        "scaler": scaler}, data, split, norm, device,
                       validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
 
-    def train_step(batch_x, batch_u, epoch):
-        if cfg.mode != "bcp":
-            ramp = run.iteration / iterations / cfg.rampup_epochs if cfg.rampup_epochs > 0 else 1
-            weight = cfg.w_consistency * sigmoid_rampup(ramp)  # w·exp(−5(1−t)²), Laine & Aila
-            loss, logs = consistency_step(student, teacher, batch_x, batch_u, loss_sup, cfg, weight)
-            return loss, {**logs, **pseudo_logs}
-        self_training = epoch >= cfg.pretrain_epochs
-        self_training_steps = run.iteration - cfg.pretrain_epochs * iterations
-        if self_training and self_training_steps % cfg.static_every == 0:
-            static_teacher.load_state_dict(student.state_dict())
-        start, end = cfg.mask_ratio_schedule
-        ratio = start + (end - start) * run.iteration / max(total_iterations - 1, 1)
-        return bcp_step(student, (teacher, static_teacher) if self_training else None, batch_x,
-                        batch_u, loss_sup, loss_stream, cfg, ratio)
+    parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
+                            loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
+                            scaler=scaler, device=device)
+    train_step = TRAIN_STEPS[cfg.mode]
 
     # ==== loop: an epoch is `iterations` steps ====
-    for epoch in run.epochs():
+    for epoch in range(run.start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
+        student.train()
         train_set = phase_sets[int(epoch >= cfg.pretrain_epochs)]
         loaders = zip(epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1))
-        for batch_x, batch_u in run.steps(loaders, iterations):
-            with autocast(device, cfg):
-                loss, logs = train_step(batch_x, batch_u, epoch)
-            optimizer_step(loss, optimizer, scaler, cfg, scheduler)
-            if cfg.mode != "pseudo_label":  # BCP's too from the start: it is the validated model
-                ema_update(teacher, student, cfg.ema_alpha, run.iteration)
-            run.record(logs)
-        run.validate(epoch)
+        for batch_x, batch_u in run.steps(loaders, iterations, epoch):
+            position = SimpleNamespace(epoch=epoch, iteration=run.iteration,
+                                       per_epoch=iterations, total=total_iterations)
+            logs = train_step(parts, batch_x, batch_u, position, cfg)
+            if cfg.scheduler == "poly":
+                scheduler.step()
+            run.record({**logs, **pseudo_logs})
+        scores = run.validate(epoch)
+        if scores is not None:
+            loss_sup.update_kappa(scores["per_class_dice"])  # t-vMF Dice: κ from validation Dice
+            if cfg.scheduler == "plateau":
+                scheduler.step(scores[f"val_{cfg.select_metric}"])
+            run.checkpoint(epoch, scores)
+        if run.stopped:
+            break
     run.finish()
 
 

@@ -1,4 +1,4 @@
-"""UniMatch: weak-to-strong consistency with two strong views and feature perturbation (SPEC §7.2).
+"""UniMatch: weak-to-strong consistency with two strong views and feature perturbation.
 
 Yang, Qi, Feng, Zhang & Shi, "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
 Segmentation", CVPR 2023.
@@ -19,9 +19,11 @@ from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
-from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
-                            epoch_loader, iterations_per_epoch, load_data, optimizer_step,
-                            pick_device, seed_everything, semi_supervised_sets, setup)
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
+                            semi_supervised_sets)
+from utils.engine import TrainingRun
+from utils.optim import autocast, build_optimisation, optimizer_step
+from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
 
 def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False):
@@ -97,17 +99,28 @@ def main(argv=None):
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)
 
     # ==== loop: an epoch is `iterations` steps, by default one pass over the unlabeled pool ====
-    for epoch in run.epochs():
+    for epoch in range(run.start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
+        model.train()
         loaders = zip(epoch_loader(labeled_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2))
-        for batch_x, batch_u, batch_mix in run.steps(loaders, iterations):
+        for batch_x, batch_u, batch_mix in run.steps(loaders, iterations, epoch):
             with autocast(device, cfg):
                 loss, logs = unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup,
                                            loss_stream, cfg, warmup=epoch < cfg.warmup_epochs)
-            optimizer_step(loss, optimizer, scaler, cfg, scheduler)
+            optimizer_step(loss, optimizer, scaler, cfg)
+            if cfg.scheduler == "poly":
+                scheduler.step()
             run.record(logs)
-        run.validate(epoch)
+        scores = run.validate(epoch)
+        if scores is not None:
+            loss_sup.update_kappa(scores["per_class_dice"])  # t-vMF Dice: κ from validation Dice
+            if cfg.scheduler == "plateau":
+                scheduler.step(scores[f"val_{cfg.select_metric}"])
+            run.checkpoint(epoch, scores)
+        if run.stopped:
+            break
     run.finish()
 
 

@@ -1,5 +1,5 @@
 """Edge guidance for any network with `encode`/`decode`: a boundary branch on the shallow encoder
-features, fused back into them before decoding, and the loss that supervises it.
+features, fused back into them before decoding.
 
 After the Edge-Guided Module of Hsu & Hua, "Strategic Advancements in Semi-supervised Medical
 Segmentation with Emphasis on Local Accuracy and Label Precision" (their extension of BCP, Bai et
@@ -10,13 +10,13 @@ Here the branch reads the two shallowest feature maps (AttUNet: strides 1 and 2;
 8), predicts a one-channel edge map, and replaces the shallowest map by
 `f0 + fuse([f0 · σ(edge), edge_features])`; the wrapped network's own decoder does the rest (for
 AttUNet, f0 is the finest skip connection; for SegFormer, the stride-4 input of the MLP decoder).
+The loss that supervises the branch is `utils.losses.edge_loss`.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from networks.sizing import crop_to
-from utils.losses import IGNORE_INDEX
 
 PROBE_SIZE = 64  # side of the dummy input that reveals the feature widths (a multiple of 32)
 
@@ -86,50 +86,3 @@ def forward_with_edges(model: nn.Module, images: torch.Tensor):
     if isinstance(model, EdgeGuided):
         return model.decode_with_edges(model.encode(images), images.shape[-2:])
     return model(images), None
-
-
-def edge_targets(mask: torch.Tensor, known: torch.Tensor = None):
-    """Boundary map of a label map and where it can be trusted.
-
-    mask: int [B, H, W], IGNORE_INDEX (255) = unknown. A pixel is an edge (1.0) when its 3×3
-    neighbourhood holds another label. valid: bool [B, H, W], False within one pixel of an
-    ignored pixel; with `known` (bool [B, H, W], partial labels: where a 0 surely is background)
-    also False on 0-pixels that are neither known nor next to a labelled organ — there the
-    boundary of an unannotated organ may pass unseen. Returns (edges float [B, H, W], valid).
-    """
-    labels = mask.float().unsqueeze(1)
-    highest = F.max_pool2d(labels, 3, stride=1, padding=1)
-    lowest = -F.max_pool2d(-labels, 3, stride=1, padding=1)
-    edges = (highest != lowest).squeeze(1).float()
-
-    def near(region):
-        return F.max_pool2d(region.float().unsqueeze(1), 3, stride=1, padding=1).squeeze(1) > 0
-
-    valid = ~near(mask == IGNORE_INDEX)
-    if known is not None:
-        valid &= known.bool() | near((mask > 0) & (mask != IGNORE_INDEX))
-    return edges, valid
-
-
-def edge_loss(edge_logits: torch.Tensor, mask: torch.Tensor, known: torch.Tensor = None):
-    """Class-balanced binary cross-entropy between `edge_logits [B, 1, H, W]` and the boundaries
-    of `mask [B, H, W]` (see `edge_targets` for `known`). Edges are a few percent of the pixels,
-    so each side is weighted by the other's share (Xie & Tu, HED, 2015). Weighted mean over the
-    valid pixels: a scalar ≥ 0, 0 when no pixel is valid or the valid ones hold no edge."""
-    edges, valid = edge_targets(mask, known)
-    logits = edge_logits.float().squeeze(1)
-    weights = valid.float()
-    positive_share = (edges * weights).sum() / weights.sum().clamp(min=1)
-    weights = weights * torch.where(edges > 0, 1 - positive_share, positive_share)
-    losses = F.binary_cross_entropy_with_logits(logits, edges, reduction="none")
-    return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
-
-
-def edge_term(edge_logits, mask, known, cfg):
-    """`cfg.edge_weight` × `edge_loss` on the first len(mask) slices (the labeled ones); a zero
-    scalar without an edge branch. known: bool [B, H, W], where a 0 in `mask` is surely
-    background — used only with `cfg.partial_labels`."""
-    if edge_logits is None:
-        return torch.zeros((), device=mask.device)
-    return cfg.edge_weight * edge_loss(edge_logits[:len(mask)], mask,
-                                       known if cfg.partial_labels else None)

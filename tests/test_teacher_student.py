@@ -15,9 +15,11 @@ import test as test_script
 import train_teacher_student as ts
 from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intensity_augmentation
 from networks import build_model
-from networks.edge import EdgeGuided, edge_loss, edge_targets, forward_with_edges
+from networks.edge import EdgeGuided, forward_with_edges
+from utils.losses import edge_loss, edge_targets
 from utils.errors import InputError
-from utils.training import ema_update, freeze_encoder_stages, sigmoid_rampup
+from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
+                            sigmoid_rampup)
 
 IGNORE = 255
 
@@ -139,7 +141,7 @@ def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
-    loss, logs = ts.bcp_step(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+    loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                              bcp_cfg(), ratio=0.5)
     mixed = student.inputs[0][:, 0]
     box = mixed[:2] == 1.0                 # first mixed pair: labeled patches inside unlabeled slices
@@ -165,7 +167,7 @@ def test_bcp_pretraining_mixes_labeled_slices_with_their_own_labels():
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     batch_x["image"][2:] = 0.5
-    loss, _ = ts.bcp_step(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75)
+    loss, _ = ts.bcp_loss(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75)
     box = student.inputs[0][:, 0] == 0.5                 # x_b's box inside x_a
     assert box.sum((1, 2)).tolist() == [144, 144] and not loss_stream.calls
     outer, inner = loss_sup.calls
@@ -205,7 +207,7 @@ def test_largest_component_per_class_and_slice():
     labels[0, 6, 6:8] = 1                                 # class 1: 2 pixels, cut
     labels[0, 4, 4] = labels[0, 5, 5] = 2                 # class 2: diagonal = one component
     labels[1, 7, 7] = 1                                   # slice 1: its only class-1 component
-    pruned = ts.largest_component_labels(labels)
+    pruned = largest_component_labels(labels)
     expected = labels.clone()
     expected[0, 6, 6:8] = IGNORE
     assert torch.equal(pruned, expected)

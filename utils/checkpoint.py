@@ -1,11 +1,14 @@
-"""Checkpoints: plain dicts that `torch.load(weights_only=True)` reads (SPEC §8).
+"""Checkpoints: plain dicts that `torch.load(weights_only=True)` reads.
 
     {"format": "fewctseg-checkpoint", "version": 1,
      "model_name": "attunet", "model_kwargs": {...},        # enough for build_model()
      "model": state_dict, "teacher": state_dict or None,    # + any other named state dicts
      "optimizer", "scheduler", "scaler", "loss": state dicts (resume),
      "epoch": last finished epoch, "iteration": int, "best_score": float, "history": [...],
-     "rng": torch RNG state, "config": resolved config, "data": {num_classes, img_size, ...}}
+     "config": resolved config, "data": {num_classes, img_size, ...}}
+
+No RNG state is stored: each epoch re-seeds every generator from (seed, epoch), which is what
+makes `--resume` exact.
 
 Writes go to a temporary file in the same folder and are renamed over the target, so a crash
 never leaves a truncated checkpoint.

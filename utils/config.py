@@ -1,4 +1,4 @@
-"""YAML defaults with command-line overrides (SPEC §8).
+"""YAML defaults with command-line overrides.
 
 Every script has one YAML file in `configs/` holding all of its defaults; a file may name a
 `base:` file that is loaded first. `load_config` merges, later layers winning:
@@ -34,9 +34,6 @@ class Config(dict):
 
     def __setattr__(self, key, value):
         self[key] = value
-
-    def to_dict(self):
-        return copy.deepcopy(dict(self))
 
 
 def read_yaml_chain(path):

@@ -1,0 +1,121 @@
+"""Data and network set-up shared by the training scripts: the data folder and its split, the
+datasets and per-epoch loaders, the network with its pretrained or initial weights, and the data
+facts a checkpoint records.
+"""
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from dataloaders.challenge import load_challenge, make_split, split_summary
+from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
+                                  intensity_augmentation, normalization_stats)
+from networks import build_model
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.errors import InputError
+from utils.runtime import epoch_seed, seed_worker
+
+
+def load_data(cfg):
+    """Data folder -> (ChallengeData, Split, normalisation). Prints the split once."""
+    data = load_challenge(cfg.data, num_classes=cfg.num_classes)
+    cfg.num_classes = data.num_classes
+    split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed)
+    norm = normalization_stats(np.asarray(data.train_images)[split.train])
+    print(f"Data: {data.root} — {len(data.train_names)} training images "
+          f"{data.image_size[1]}x{data.image_size[0]}, {data.num_classes} classes; "
+          f"{split_summary(split)}; {len(data.test_names)} test images")
+    return data, split, norm
+
+
+def model_config(cfg, data):
+    """(name, kwargs) for `build_model`: the family's `model_kwargs` plus channels and classes."""
+    family = "segformer" if cfg.model.startswith("segformer") else cfg.model
+    extra = cfg.model_kwargs.get(family, {})
+    if cfg.edge_guided:  # only when on, so plain checkpoints keep their kwargs
+        extra = {**extra, "edge_guided": True}
+    return cfg.model, {"in_channels": cfg.in_channels, "num_classes": data.num_classes, **extra}
+
+
+def build_network(cfg, data, device):
+    """(model on `device`, name, kwargs): the configured network, with `pretrained` encoder
+    weights, `init_ckpt` weights (unless resuming) and `channels_last` applied."""
+    model_name, model_kwargs = model_config(cfg, data)
+    model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs)
+    if cfg.get("init_ckpt") and not cfg.resume:
+        load_init_weights(model, cfg.init_ckpt, model_name, model_kwargs)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, model_name, model_kwargs
+
+
+def unlabeled_pool(cfg, data, split):
+    """(images (M,H,W) uint8, indices) of the unlabeled pool: the empty-mask training images,
+    plus the test images when `use_test_as_unlabeled`."""
+    if not (cfg.use_test_as_unlabeled and data.test_images is not None):
+        return data.train_images, split.unlabeled
+    images = np.concatenate([np.asarray(data.train_images), np.asarray(data.test_images)])
+    test = np.arange(len(data.train_images), len(images))
+    return images, np.concatenate([split.unlabeled, test])
+
+
+def semi_supervised_sets(cfg, data, split, norm):
+    """(labeled set, unlabeled set, unlabeled batch size) of a semi-supervised script.
+
+    Labeled slices get the weak (geometric) augmentation; unlabeled ones, from `unlabeled_pool`,
+    a weak view and two strong views of the same geometry.
+    """
+    geometry = geometric_augmentation(cfg)
+    labeled_set = LabeledSlices(data, split.train, cfg.img_size, norm, augment=geometry,
+                                air_threshold=cfg.air_threshold)
+    pool_images, pool_indices = unlabeled_pool(cfg, data, split)
+    if len(pool_indices) == 0:
+        raise InputError(f"{data.root}: no unlabeled slices for a semi-supervised method")
+    unlabeled_set = UnlabeledSlices(pool_images, pool_indices, cfg.img_size, norm, geometry,
+                                    intensity_augmentation())
+    return labeled_set, unlabeled_set, cfg.batch_size_unlabeled or cfg.batch_size
+
+
+def load_init_weights(model, path, model_name, model_kwargs, weights="model"):
+    """Copy the weights of checkpoint `path` (e.g. a train_supervised.py best.pth) into `model`."""
+    state = load_checkpoint(path)
+    if (state["model_name"], state["model_kwargs"]) != (model_name, model_kwargs):
+        raise InputError(f"{path}: checkpoint is a {state['model_name']} {state['model_kwargs']}, "
+                         f"this run builds a {model_name} {model_kwargs}")
+    model.load_state_dict(model_from_checkpoint(state, weights, path).state_dict())
+    print(f"Initialised the {weights} weights from {path} (epoch {state['epoch'] + 1}, "
+          f"best {state['config']['select_metric']} {state['best_score']:.4f})")
+
+
+class CyclingSampler(Sampler):
+    """`num_samples` indices from back-to-back random permutations of range(size)."""
+
+    def __init__(self, size, num_samples, generator):
+        self.size, self.num_samples, self.generator = size, num_samples, generator
+
+    def __iter__(self):
+        drawn = 0
+        while drawn < self.num_samples:
+            order = torch.randperm(self.size, generator=self.generator).tolist()
+            take = order[:self.num_samples - drawn]
+            drawn += len(take)
+            yield from take
+
+    def __len__(self):
+        return self.num_samples
+
+
+def epoch_loader(dataset, cfg, epoch, num_batches, batch_size, stream=0):
+    """A loader giving exactly `num_batches` full batches, reshuffled per pass, seeded by
+    (seed, epoch, stream) so an epoch is reproducible on its own (exact resume)."""
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream))
+    sampler = CyclingSampler(len(dataset), num_batches * batch_size, generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=cfg.num_workers, worker_init_fn=seed_worker,
+                      generator=generator, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def iterations_per_epoch(cfg, driving_size, batch_size):
+    """`iters_per_epoch`, or one pass over the driving dataset when it is 0."""
+    return cfg.iters_per_epoch or max(1, driving_size // batch_size)

@@ -1,0 +1,254 @@
+"""The engine every training script drives: run directory, resume, progress and metering,
+validation, checkpoints, log, plots and early stopping. The method (the training step) and every
+decision that changes training (schedules, κ of the t-vMF loss, re-seeding) stay in the scripts:
+
+    for epoch in range(run.start_epoch, cfg.epochs):
+        seed_epoch(cfg.seed, epoch)                      # exact resume: (seed, epoch) fixes it
+        model.train()
+        for batch in run.steps(loader, iterations, epoch):   # progress bar, device, NaN guard
+            with autocast(device, cfg):
+                loss, logs = train_step(batch)            # the method
+            optimizer_step(loss, optimizer, scaler, cfg)
+            if cfg.scheduler == "poly":
+                scheduler.step()
+            run.record(logs)
+        scores = run.validate(epoch)                      # None between evaluations
+        if scores is not None:
+            loss_fn.update_kappa(scores["per_class_dice"])
+            if cfg.scheduler == "plateau":
+                scheduler.step(scores[f"val_{cfg.select_metric}"])
+            run.checkpoint(epoch, scores)                 # log line, last/best, plots, early stop
+        if run.stopped:
+            break
+    run.finish()
+"""
+import json
+import math
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.config import config_to_yaml
+from utils.errors import InputError, TrainingDiverged
+from utils.files import atomic_path
+from utils.inference import predict_slices
+from utils.metrics import score_predictions
+from utils.plots import plot_curves, plot_examples
+
+
+def to_device(batch, device):
+    """A batch dict with its tensors moved to `device` (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class Meters:
+    """Running means of named scalars, kept on the device so the step never waits for the host."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def update(self, values):
+        for name, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.count += 1
+
+    def means(self):
+        return {name: float(total) / max(self.count, 1) for name, total in self.sums.items()}
+
+
+def data_facts(cfg, data, split, norm):
+    """What a checkpoint records about the data (`test.py` rebuilds the split from them)."""
+    return {"num_classes": data.num_classes, "class_names": data.class_names,
+            "img_size": cfg.img_size, "in_channels": cfg.in_channels,
+            "image_size": list(data.image_size), "normalize": norm, "root": str(data.root),
+            "split_seed": cfg.split_seed, "labeled_ratio": cfg.labeled_ratio,
+            "num_labeled": cfg.num_labeled, "partial_labels": cfg.partial_labels,
+            "train_indices": split.train.tolist(), "val_indices": split.val.tolist()}
+
+
+def evaluate(model, data, indices, cfg, norm, device):
+    """Predict and score the training-set slices `indices` (the validation split).
+
+    Returns `val_*` floats, `per_class_dice (C,)` and `predictions (N,H,W) uint8`.
+    """
+    images = np.asarray(data.train_images[indices])
+    truth = np.asarray(data.train_masks[indices])
+    predictions = predict_slices(model, images, cfg.img_size, norm, device, cfg.eval_batch_size)
+    scores = score_predictions(truth, predictions, data.num_classes,
+                               data.annotated[indices] if cfg.partial_labels else None)
+    per_class = scores.pop("per_class_dice")
+    return {**{f"val_{k}": v for k, v in scores.items()}, "per_class_dice": per_class,
+            "predictions": predictions}
+
+
+# ==== the run directory ====
+def run_directory(cfg, method):
+    """`out_dir` if given, else the folder of the checkpoint being resumed, else
+    `runs/<method>-<timestamp>`."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    if cfg.resume:
+        return Path(cfg.resume).resolve().parent
+    return Path("runs") / f"{method}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class TrainingRun:
+    """Everything around a training step (the loop it serves is in this module's docstring).
+
+    `modules` maps names to objects with `state_dict()`/`load_state_dict()` (model, teacher,
+    optimizer, scheduler, scaler, loss with its κ …); all go into every checkpoint and come back
+    on `--resume`. `modules[validate_weights]` is the network validated here; `modules["model"]`
+    is the one `test.py` tests unless the checkpoint has a `teacher`, which it prefers.
+    """
+
+    def __init__(self, cfg, method, model_name, model_kwargs, modules, data, split, norm, device,
+                 validate_weights="model"):
+        self.cfg, self.method, self.modules, self.device = cfg, method, modules, device
+        self.model_name, self.model_kwargs = model_name, model_kwargs
+        self.data, self.split, self.norm = data, split, norm
+        self.validate_weights = validate_weights
+        self.facts = data_facts(cfg, data, split, norm)
+        self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
+        self.start_epoch, self.iteration, self.started = 0, 0, time.time()
+        self.stopped, self.meters, self.epoch = False, Meters(), 0
+        if cfg.resume:
+            self._restore(Path(cfg.resume))
+        self.dir = run_directory(cfg, method)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._point_latest()
+        (self.dir / "config.yaml").write_text(config_to_yaml(cfg))
+        self.log_path = self.dir / "log.jsonl"
+        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        print(f"Run directory: {self.dir}")
+
+    def _point_latest(self):
+        latest = Path("runs") / "latest"
+        latest.parent.mkdir(exist_ok=True)
+        target = os.path.relpath(self.dir.resolve(), latest.parent.resolve())
+        try:
+            with atomic_path(latest) as temporary:
+                os.symlink(target, temporary, target_is_directory=True)
+        except OSError as error:
+            print(f"warning: could not point runs/latest at {self.dir} ({error})")
+
+    def _restore(self, path):
+        state = load_checkpoint(path, map_location=self.device)
+        if state["model_name"] != self.model_name or state["model_kwargs"] != self.model_kwargs:
+            raise InputError(f"{path}: checkpoint is a {state['model_name']} "
+                             f"{state['model_kwargs']}, this run builds a {self.model_name} "
+                             f"{self.model_kwargs}")
+        for name, module in self.modules.items():
+            if name not in state:
+                raise InputError(f"{path}: no '{name}' state to resume from")
+            if state[name]:  # a disabled GradScaler saves {}
+                module.load_state_dict(state[name])
+        self.start_epoch, self.iteration = state["epoch"] + 1, state["iteration"]
+        self.best_score, self.bad_evaluations = state["best_score"], state["bad_evaluations"]
+        self.history = list(state["history"])
+        print(f"Resumed from {path}: epoch {state['epoch'] + 1} done, best "
+              f"{self.cfg.select_metric} {self.best_score:.4f}")
+
+    def steps(self, batches, total, epoch):
+        """Iterate `batches` (a batch dict or a tuple of them) on the device, with a progress bar
+        showing the running losses and a NaN check every `print_every` steps. Starts the meters
+        of epoch `epoch` (0-based); `self.iteration` counts the steps before the current one."""
+        self.epoch, self.meters = epoch, Meters()
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   leave=False, dynamic_ncols=True, disable=None)
+        for step, batch in enumerate(bar):
+            if isinstance(batch, dict):
+                yield to_device(batch, self.device)
+            else:
+                yield tuple(to_device(part, self.device) for part in batch)
+            self.iteration += 1
+            if (step + 1) % self.cfg.print_every == 0:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in self.check_finite().items()
+                                 if k.startswith("loss")})
+
+    def record(self, logs):
+        """Add one step's scalars (device tensors are fine: no host sync here)."""
+        self.meters.update(logs)
+
+    def check_finite(self):
+        """The running means; raises `TrainingDiverged` if one is NaN/inf (checkpoints stay as
+        they were)."""
+        means = self.meters.means()
+        bad = [name for name, value in means.items() if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(
+                f"{', '.join(bad)} became {means[bad[0]]} in epoch {self.epoch + 1}; stopping. "
+                f"The last good checkpoint is {self.dir / 'last.pth'}")
+        return means
+
+    def validate(self, epoch):
+        """Every `eval_every` epochs and at the last: score the validation split with the
+        validated weights. Returns `val_*` floats, `per_class_dice (C,)` and `predictions`, or
+        None between evaluations. The script applies what follows from the scores (κ, plateau
+        schedule), then calls `checkpoint(epoch, scores)`."""
+        cfg = self.cfg
+        if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
+            return None
+        losses = self.check_finite()
+        scores = evaluate(self.modules[self.validate_weights], self.data, self.split.val, cfg,
+                          self.norm, self.device)
+        # the learning rate the epoch trained with, before a plateau schedule reacts to the scores
+        self._pending = {"epoch": epoch + 1, "iteration": self.iteration,
+                         "lr": self.modules["optimizer"].param_groups[0]["lr"], **losses,
+                         **{k: v for k, v in scores.items() if isinstance(v, float)},
+                         "seconds": round(time.time() - self.started, 1)}
+        return scores
+
+    def checkpoint(self, epoch, scores):
+        """After `validate`: log one line, save last.pth (and best.pth when the selected score
+        improved), redraw the plots and decide early stopping."""
+        cfg, record = self.cfg, self._pending
+        score = scores[f"val_{cfg.select_metric}"]
+        improved = score > self.best_score
+        if improved:
+            self.best_score, self.bad_evaluations = score, 0
+        else:
+            self.bad_evaluations += 1
+        self.history.append(record)
+        with open(self.log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        self.save(epoch, improved)
+        plot_curves(self.history, self.dir / "curves.png")
+        count = min(cfg.num_examples, len(self.split.val))
+        shown = self.split.val[:count]
+        plot_examples(np.asarray(self.data.train_images[shown]),
+                      np.asarray(self.data.train_masks[shown]), scores["predictions"][:count],
+                      self.dir / "val_examples.png", self.data.num_classes)
+        values = " ".join(f"{k} {v:.4f}" for k, v in record.items()
+                          if k.startswith(("loss", "val_", "conf")))
+        print(f"epoch {epoch + 1}/{cfg.epochs} {values} lr {record['lr']:.2e}"
+              f"{' *best*' if improved else ''}")
+        if cfg.early_stop_patience and self.bad_evaluations >= cfg.early_stop_patience:
+            print(f"Early stop: no improvement in {cfg.early_stop_patience} evaluations.")
+            self.stopped = True
+
+    def save(self, epoch, is_best):
+        state = {"model_name": self.model_name, "model_kwargs": self.model_kwargs,
+                 "method": self.method, "epoch": epoch, "iteration": self.iteration,
+                 "best_score": self.best_score, "bad_evaluations": self.bad_evaluations,
+                 "history": self.history,
+                 "config": {k: v for k, v in self.cfg.items() if not k.startswith("_")},
+                 "data": self.facts}
+        state.update({name: module.state_dict() for name, module in self.modules.items()})
+        save_checkpoint(state, self.dir / "last.pth")
+        if is_best:
+            save_checkpoint(state, self.dir / "best.pth")
+
+    def finish(self):
+        """The closing summary line: where the outputs are and what to run next."""
+        best = self.dir / "best.pth"
+        print(f"Done in {time.time() - self.started:.0f} s: best {self.cfg.select_metric} "
+              f"{self.best_score:.4f}; checkpoints, log and plots in {self.dir}/. "
+              f"Next: python test.py --ckpt {best}")

@@ -1,0 +1,94 @@
+"""What every script settles before training: the resolved config (with the phantom preset when
+there is no challenge data), the device, and the random seeds.
+
+Exact resume rests on `epoch_seed`: a training loop re-seeds every generator from (seed, epoch)
+at the start of each epoch, so a run resumed after epoch e repeats epoch e+1 exactly.
+"""
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataloaders.challenge import has_challenge_files
+from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
+from utils.config import CONFIG_DIR, config_to_yaml, load_config
+from utils.errors import InputError
+
+PHANTOM_DIR = Path("data/phantom")
+
+
+def phantom_preset(script, cfg):
+    """`configs/phantom_<script>.yaml` (or `phantom.yaml`) when the data folder is a phantom or
+    `data/` holds no challenge data; None otherwise."""
+    data = Path(cfg.data)
+    if has_challenge_files(data) and not (data / COMPLETE_MARKER).is_file():
+        return None
+    if not has_challenge_files(data) and data != Path("data"):
+        return None
+    specific = CONFIG_DIR / f"phantom_{script}.yaml"
+    return specific if specific.is_file() else CONFIG_DIR / "phantom.yaml"
+
+
+def setup(script, argv, description):
+    """Resolve the config (phantom preset included), print it once, return it.
+
+    With no challenge files in `data/`, the phantom is generated into `data/phantom` (once).
+    """
+    cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
+    if not has_challenge_files(cfg.data):
+        if Path(cfg.data) != Path("data"):
+            raise InputError(f"{cfg.data}: no train-images/ folder or train-images.zip")
+        print(f"No challenge files in '{cfg.data}/': using the built-in CT phantom in "
+              f"{PHANTOM_DIR}/ with the phantom preset (configs/phantom.yaml).")
+        ensure_phantom(PHANTOM_DIR)
+        cfg.data = str(PHANTOM_DIR)
+    elif "_preset" in cfg:
+        print(f"'{cfg.data}' is a phantom folder: the phantom preset (configs/phantom.yaml) applies.")
+    print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
+    return cfg
+
+
+def pick_device(gpu):
+    """`gpu` = CUDA index, -1 = CPU. A missing CUDA device warns once and falls back to the CPU."""
+    if gpu is None or gpu < 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print(f"warning: --gpu {gpu} asked for, but CUDA is not available; running on the CPU")
+        return torch.device("cpu")
+    if gpu >= torch.cuda.device_count():
+        print(f"warning: --gpu {gpu} does not exist ({torch.cuda.device_count()} CUDA "
+              "device(s)); running on the CPU")
+        return torch.device("cpu")
+    return torch.device("cuda", gpu)
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def epoch_seed(seed, epoch, stream=0):
+    """A 32-bit seed that depends only on (seed, epoch, stream): one stream per loader."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
+
+
+EPOCH_STREAM = 1000  # the stream of the global generators, apart from the loaders' 0, 1, 2 …
+
+
+def seed_epoch(seed, epoch):
+    """Re-seed random, NumPy and torch from (seed, epoch) at the start of an epoch: what makes a
+    run resumed after epoch e repeat epoch e+1 exactly as the uninterrupted run did."""
+    seed_everything(epoch_seed(seed, epoch, stream=EPOCH_STREAM))
+
+
+def seed_worker(worker_id):
+    """DataLoader workers: derive NumPy/random seeds from torch's per-worker seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)

@@ -1,0 +1,67 @@
+"""Mechanics the teacher–student methods share (`train_teacher_student.py`): the EMA update, the
+consistency ramp-up, freezing encoder stages, cleaning pseudo-labels to their largest component,
+and feeding a loaded teacher the normalisation it was trained with.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.errors import InputError
+from utils.losses import IGNORE_INDEX
+from utils.postprocess import keep_largest_component
+
+
+def ema_update(teacher, student, alpha, step):
+    """teacher ← a·teacher + (1−a)·student with a = min(1 − 1/(step+1), alpha) (Tarvainen &
+    Valpola 2017: the warm start lets the teacher follow the student closely at first)."""
+    a = min(1 - 1 / (step + 1), alpha)
+    with torch.no_grad():
+        for t, s in zip(teacher.parameters(), student.parameters()):
+            t.mul_(a).add_(s.detach(), alpha=1 - a)
+        for t, s in zip(teacher.buffers(), student.buffers()):
+            t.copy_(s)
+
+
+def sigmoid_rampup(t):
+    """exp(−5(1−t)²) for t in [0, 1] (Laine & Aila 2017), 1 after the ramp."""
+    t = min(max(t, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def freeze_encoder_stages(model, count):
+    """Freeze the first `count` encoder stages for fine-tuning: AttUNet's encoder blocks,
+    SegFormer's stages (patch embedding, transformer blocks, norm). Only the weights freeze:
+    BatchNorm running statistics still follow the data. Pass only the parameters that still
+    require gradients to the optimiser."""
+    stages = getattr(model.encoder, "stages", model.encoder)
+    if not 0 <= count <= len(stages):
+        raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {len(stages)} "
+                         "(the encoder stages of this network)")
+    for stage in stages[:count]:
+        stage.requires_grad_(False)
+
+
+def largest_component_labels(labels):
+    """int [B, H, W] -> the same with each class (> 0) cut to its largest 8-connected component
+    per slice (BCP's cleaning of pseudo-labels). The cut pixels become IGNORE_INDEX rather than
+    background: CT classes such as bowel have several true components, and the teacher did
+    not see background there."""
+    array = labels.cpu().numpy()
+    classes = np.unique(array)
+    kept = keep_largest_component(array, classes[classes > 0])
+    return torch.from_numpy(np.where(kept != array, IGNORE_INDEX, array)).to(labels.device)
+
+
+class Renormalized(nn.Module):
+    """A loaded teacher trained with other intensity statistics (`its`) fed our batches (`ours`):
+    x·s_ours/s_its + (m_ours − m_its)/s_its restores the normalisation it was trained with."""
+
+    def __init__(self, model, ours, its):
+        super().__init__()
+        self.model, self.scale = model, ours["std"] / its["std"]
+        self.shift = (ours["mean"] - its["mean"]) / its["std"]
+
+    def forward(self, images):
+        return self.model(images * self.scale + self.shift)
