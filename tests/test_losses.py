@@ -121,7 +121,8 @@ PARTIAL_ANNOTATED = torch.tensor([[True, True, False]])
 def test_marginal_losses_hand_values():
     logits, target, annotated = PARTIAL_LOGITS, PARTIAL_TARGET, PARTIAL_ANNOTATED
     # pixel A may be background or class 2: likelihood .2 + .3.
-    assert float(marginal_cross_entropy(logits, target, annotated)) == pytest.approx(-(math.log(0.5) + math.log(0.7)) / 2)
+    assert float(marginal_cross_entropy(logits, target, annotated)) == pytest.approx(
+        -(math.log(0.5) + math.log(0.7)) / 2)
     assert float(cross_entropy(logits, target)) == pytest.approx(-(math.log(0.2) + math.log(0.7)) / 2)
     # class 1 only (class 2 unannotated): p = (.5, .7), t = (0, 1) -> Dice 1.4 / 2.2.
     assert float(marginal_dice_loss(logits, target, annotated, smooth=0)) == pytest.approx(1 - 1.4 / 2.2)
@@ -311,7 +312,8 @@ def test_marginal_losses_never_push_an_unannotated_class_down_at_a_background_pi
     # background and an unannotated class swapped at a 0-pixel: same merged probability, same loss.
     swapped = logits.clone()
     for b, k in enumerate(unannotated_class.tolist()):
-        swapped[b, 0][background[b]], swapped[b, k][background[b]] = logits[b, k][background[b]], logits[b, 0][background[b]]
+        where = background[b]
+        swapped[b, 0][where], swapped[b, k][where] = logits[b, k][where], logits[b, 0][where]
     for name, loss_fn in marginal.items():
         assert float(loss_fn(swapped)) == pytest.approx(float(loss_fn(logits)), rel=1e-12), name
     # gradient descent never lowers the unannotated logit there (plain CE does).

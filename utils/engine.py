@@ -118,7 +118,7 @@ class TrainingRun:
         self.facts = data_facts(cfg, data, split, norm)
         self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
         self.start_epoch, self.iteration, self.started = 0, 0, time.time()
-        self.stopped, self.meters, self.epoch = False, Meters(), 0
+        self.stopped, self.meters, self.epoch, self._pending = False, Meters(), 0, None
         if cfg.resume:
             self._restore(Path(cfg.resume))
         self.dir = run_directory(cfg, method)
