@@ -38,7 +38,7 @@ def model_config(cfg, data):
 
 def build_network(cfg, data, device):
     """(model on `device`, name, kwargs): the configured network, with `pretrained` encoder
-    weights, `init_ckpt` weights (unless resuming) and `channels_last` applied."""
+    weights, `init_ckpt` weights (unless resuming), `channels_last` and `compile` applied."""
     model_name, model_kwargs = model_config(cfg, data)
     model = build_model(model_name, pretrained=cfg.pretrained or None, **model_kwargs)
     if cfg.get("init_ckpt") and not cfg.resume:
@@ -46,7 +46,26 @@ def build_network(cfg, data, device):
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_network(model)
     return model, model_name, model_kwargs
+
+
+def compile_network(model, backend="inductor"):
+    """torch.compile each called part of `model` in place (`nn.Module.compile`): its children,
+    and the members of its ModuleLists and ModuleDicts.
+
+    In place, so the weights keep their names (checkpoints load without the `_orig_mod.` prefix
+    that wrapping with torch.compile adds), and `encode`/`decode` — which methods such as
+    UniMatch's feature perturbation call directly — run compiled parts too. The training step
+    itself stays plain Python: with `compile: false` it runs eagerly, for debugging.
+    """
+    for part in model.children():
+        if isinstance(part, (torch.nn.ModuleList, torch.nn.ModuleDict)):  # never called itself
+            compile_network(part, backend)
+        else:
+            part.compile(backend=backend)
+    return model
 
 
 def unlabeled_pool(cfg, data, split):

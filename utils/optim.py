@@ -24,21 +24,29 @@ def build_scheduler(cfg, optimizer, total_iterations):
     raise InputError(f"scheduler: unknown '{cfg.scheduler}' (choose plateau or poly)")
 
 
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def build_optimisation(cfg, parameters, total_iterations, device):
     """(AdamW, its schedule, the AMP GradScaler) for the trainable `parameters`."""
+    if cfg.amp_dtype not in AMP_DTYPES:
+        raise InputError(f"amp_dtype: unknown '{cfg.amp_dtype}' (choose {' or '.join(AMP_DTYPES)})")
     optimizer = build_optimizer(cfg, parameters)
     return optimizer, build_scheduler(cfg, optimizer, total_iterations), make_scaler(device, cfg)
 
 
 def autocast(device, cfg):
-    """float16 autocast on CUDA when `amp`; a no-op on the CPU, where it is far slower."""
+    """Autocast to `amp_dtype` on CUDA when `amp`; a no-op on the CPU, where it is far slower."""
     if device.type == "cuda" and cfg.amp:
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=AMP_DTYPES[cfg.amp_dtype])
     return nullcontext()
 
 
 def make_scaler(device, cfg):
-    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+    """The loss scaler of float16 autocast on CUDA; disabled otherwise: bfloat16 has float32's
+    exponent range, so its gradients do not underflow and need no scaling."""
+    enabled = device.type == "cuda" and cfg.amp and cfg.amp_dtype == "float16"
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 def optimizer_step(loss, optimizer, scaler, cfg):
