@@ -119,6 +119,7 @@ class TrainingRun:
         self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
         self.start_epoch, self.iteration, self.started = 0, 0, time.time()
         self.stopped, self.meters, self.epoch, self._pending = False, Meters(), 0, None
+        self.step_seconds, self.plotted_at = 0.0, -math.inf  # time in steps; last plot redraw
         if cfg.resume:
             self._restore(Path(cfg.resume))
         self.dir = run_directory(cfg, method)
@@ -164,10 +165,12 @@ class TrainingRun:
         bar = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    leave=False, dynamic_ncols=True, disable=None)
         for step, batch in enumerate(bar):
+            arrived = time.perf_counter()  # waiting for data counts as overhead, not as the step
             if isinstance(batch, dict):
                 yield to_device(batch, self.device)
             else:
                 yield tuple(to_device(part, self.device) for part in batch)
+            self.step_seconds += time.perf_counter() - arrived
             self.iteration += 1
             if (step + 1) % self.cfg.print_every == 0:
                 bar.set_postfix({k: f"{v:.4f}" for k, v in self.check_finite().items()
@@ -216,16 +219,11 @@ class TrainingRun:
             self.best_score, self.bad_evaluations = score, 0
         else:
             self.bad_evaluations += 1
+        record["step_seconds"] = round(self.step_seconds, 1)
         self.history.append(record)
         with open(self.log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
         self.save(epoch, improved)
-        plot_curves(self.history, self.dir / "curves.png")
-        count = min(cfg.num_examples, len(self.split.val))
-        shown = self.split.val[:count]
-        plot_examples(np.asarray(self.data.train_images[shown]),
-                      np.asarray(self.data.train_masks[shown]), scores["predictions"][:count],
-                      self.dir / "val_examples.png", self.data.num_classes)
         values = " ".join(f"{k} {v:.4f}" for k, v in record.items()
                           if k.startswith(("loss", "val_", "conf")))
         print(f"epoch {epoch + 1}/{cfg.epochs} {values} lr {record['lr']:.2e}"
@@ -233,6 +231,19 @@ class TrainingRun:
         if cfg.early_stop_patience and self.bad_evaluations >= cfg.early_stop_patience:
             print(f"Early stop: no improvement in {cfg.early_stop_patience} evaluations.")
             self.stopped = True
+        last = self.stopped or epoch + 1 == cfg.epochs
+        if last or time.time() - self.plotted_at >= cfg.plot_every_seconds:
+            self.plot(scores["predictions"])
+
+    def plot(self, predictions):
+        """Redraw curves.png and val_examples.png (`predictions`: of the validation slices)."""
+        plot_curves(self.history, self.dir / "curves.png")
+        count = min(self.cfg.num_examples, len(self.split.val))
+        shown = self.split.val[:count]
+        plot_examples(np.asarray(self.data.train_images[shown]),
+                      np.asarray(self.data.train_masks[shown]), predictions[:count],
+                      self.dir / "val_examples.png", self.data.num_classes)
+        self.plotted_at = time.time()
 
     def save(self, epoch, is_best):
         state = {"model_name": self.model_name, "model_kwargs": self.model_kwargs,
@@ -248,7 +259,7 @@ class TrainingRun:
 
     def finish(self):
         """The closing summary line: where the outputs are and what to run next."""
-        best = self.dir / "best.pth"
-        print(f"Done in {time.time() - self.started:.0f} s: best {self.cfg.select_metric} "
-              f"{self.best_score:.4f}; checkpoints, log and plots in {self.dir}/. "
-              f"Next: python test.py --ckpt {best}")
+        best, seconds = self.dir / "best.pth", time.time() - self.started
+        print(f"Done in {seconds:.0f} s ({self.step_seconds / max(seconds, 1e-9):.0%} in training "
+              f"steps): best {self.cfg.select_metric} {self.best_score:.4f}; checkpoints, log "
+              f"and plots in {self.dir}/. Next: python test.py --ckpt {best}")
