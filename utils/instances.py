@@ -23,11 +23,8 @@ from dataloaders.challenge import INSTANCE_TARGET_CLASSES
 
 BACKGROUND, INTERIOR, BOUNDARY = INSTANCE_TARGET_CLASSES  # the class ids 0, 1, 2
 
-# Neighbourhoods within each slice of an (N, H, W) stack: nothing connects along N.
-_EIGHT_CONNECTED = np.zeros((3, 3, 3), bool)
-_EIGHT_CONNECTED[1] = True
-_FOUR_CONNECTED = np.zeros((3, 3, 3), bool)
-_FOUR_CONNECTED[1] = ndimage.generate_binary_structure(2, 1)
+_EIGHT_CONNECTED = np.ones((3, 3), bool)
+_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 
 # ---------------------------------------------------------------- targets (training)
@@ -44,10 +41,13 @@ def instance_targets(mask, boundary_width=1, certain_background=None):
         file's size (a boundary drawn at 512x512 would mostly vanish in a nearest resize to
         128x128).
     boundary_width: a structure pixel is BOUNDARY when a pixel of another id (another structure
-        or 0) lies within this Chebyshev distance; its other pixels are INTERIOR. Two touching
-        structures are thus separated by a band of 2·boundary_width pixels, and every labelled
-        pixel keeps its structure (boundaries are inner ones), so the structure is interior +
-        boundary.
+        or 0) lies within this city-block distance (1: one of its 4 neighbours); its other pixels
+        are INTERIOR. Two touching structures are thus separated by a band of 2·boundary_width
+        pixels, and every labelled pixel keeps its structure (boundaries are inner ones), so the
+        structure is interior + boundary. The 4-neighbourhood rather than the 3x3 square: a
+        corner contact does not make a boundary, so fewer narrow necks of a structure turn all
+        boundary and split its interior (measured on the instance phantom: perfect maps score
+        a Rand index of 0.980 instead of 0.956 at 256x256, README "#150 instance mode").
     certain_background: optional bool tensor like `mask`, the pixels that are surely background
         (air outside the body, `dataloaders.datasets.outside_air_mask`). Give it with partial
         labels: a 0-pixel elsewhere may be background or part of an unsegmented structure, so
@@ -64,11 +64,11 @@ def instance_targets(mask, boundary_width=1, certain_background=None):
     if boundary_width < 1:
         raise ValueError(f"boundary_width must be at least 1, got {boundary_width}")
     ids = (mask if mask.dim() == 3 else mask[None]).float()[:, None]  # exact: ids < 2**24
-    window = 2 * boundary_width + 1
-    highest = F.max_pool2d(ids, window, stride=1, padding=boundary_width)
-    lowest = -F.max_pool2d(-ids, window, stride=1, padding=boundary_width)
+    highest, lowest = ids, -ids
+    for _ in range(boundary_width):  # w steps of the 4-neighbourhood: the city-block ball
+        highest, lowest = _cross_max(highest), _cross_max(lowest)
     structure = mask != 0
-    mixed = (highest != lowest).view(mask.shape)  # another id within reach
+    mixed = (highest != -lowest).view(mask.shape)  # another id within reach
     target = torch.where(mixed, BOUNDARY, INTERIOR).masked_fill(~structure, BACKGROUND).long()
     if certain_background is None:
         return target, None
@@ -76,6 +76,12 @@ def instance_targets(mask, boundary_width=1, certain_background=None):
         raise ValueError(f"certain_background must have the mask's shape {tuple(mask.shape)}, "
                          f"got {tuple(certain_background.shape)}")
     return target, ~structure & ~certain_background.bool()
+
+
+def _cross_max(x):
+    """Max of each pixel of `x [B, 1, H, W]` and its 4 neighbours (outside the image: ignored)."""
+    return torch.maximum(F.max_pool2d(x, (3, 1), stride=1, padding=(1, 0)),
+                         F.max_pool2d(x, (1, 3), stride=1, padding=(0, 1)))
 
 
 # ---------------------------------------------------------------- structures (inference)
@@ -102,7 +108,8 @@ def structures_from_probabilities(probabilities, seed_threshold=0.5, min_seed_si
     Sizes are in pixels at the given resolution.
 
     Returns int32 `(N, H, W)` (or `(H, W)`): 0 = background, 1..K = structures, numbered per
-    image by first appearance in raster order (ids mean nothing across images).
+    image by first appearance in raster order (ids mean nothing across images). Each image is
+    processed on its own, so its structures do not depend on the rest of the batch.
     """
     if isinstance(probabilities, torch.Tensor):
         probabilities = probabilities.detach().float().cpu().numpy()
@@ -112,17 +119,23 @@ def structures_from_probabilities(probabilities, seed_threshold=0.5, min_seed_si
     if stack.ndim != 4 or stack.shape[1] != len(INSTANCE_TARGET_CLASSES):
         raise ValueError(f"probabilities must be [N, 3, H, W] or [3, H, W], got shape "
                          f"{probabilities.shape}")
-    foreground = stack[:, BACKGROUND] < 0.5
-    seeds, _ = ndimage.label(foreground & (stack[:, INTERIOR] >= seed_threshold),
+    labels = np.stack([
+        _number_by_size_limit(_regions(image, seed_threshold, min_seed_size, min_size),
+                              max_structures) for image in stack])
+    return labels[0] if single else labels
+
+
+def _regions(probabilities, seed_threshold, min_seed_size, min_size):
+    """Region labels (H, W) of one image's `[3, H, W]` probabilities (see the caller)."""
+    foreground = probabilities[BACKGROUND] < 0.5
+    seeds, _ = ndimage.label(foreground & (probabilities[INTERIOR] >= seed_threshold),
                              structure=_EIGHT_CONNECTED)
     seeds[np.bincount(seeds.ravel())[seeds] < min_seed_size] = 0
-    regions = segmentation.watershed(stack[:, BOUNDARY], seeds, mask=foreground,
+    regions = segmentation.watershed(probabilities[BOUNDARY], seeds, mask=foreground,
                                      connectivity=_FOUR_CONNECTED)
     orphans, _ = ndimage.label(foreground & (regions == 0), structure=_EIGHT_CONNECTED)
     orphans[np.bincount(orphans.ravel())[orphans] < min_size] = 0
-    regions = np.where(orphans > 0, orphans + regions.max(), regions)
-    labels = np.stack([_number_by_size_limit(image, max_structures) for image in regions])
-    return labels[0] if single else labels
+    return np.where(orphans > 0, orphans + regions.max(), regions)
 
 
 def _number_by_size_limit(regions, max_structures):
