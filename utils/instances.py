@@ -64,11 +64,11 @@ def instance_targets(mask, boundary_width=1, certain_background=None):
     if boundary_width < 1:
         raise ValueError(f"boundary_width must be at least 1, got {boundary_width}")
     ids = (mask if mask.dim() == 3 else mask[None]).float()[:, None]  # exact: ids < 2**24
-    highest, lowest = ids, -ids
+    highest, minus_lowest = ids, -ids
     for _ in range(boundary_width):  # w steps of the 4-neighbourhood: the city-block ball
-        highest, lowest = _cross_max(highest), _cross_max(lowest)
+        highest, minus_lowest = _cross_max(highest), _cross_max(minus_lowest)
     structure = mask != 0
-    mixed = (highest != -lowest).view(mask.shape)  # another id within reach
+    mixed = (highest != -minus_lowest).view(mask.shape)  # another id within reach
     target = torch.where(mixed, BOUNDARY, INTERIOR).masked_fill(~structure, BACKGROUND).long()
     if certain_background is None:
         return target, None
