@@ -69,7 +69,9 @@ def main(argv=None):
         if not cfg.data:
             raise InputError("--baseline watershed needs --data (there is no checkpoint)")
         state, model, out_dir = None, None, Path(cfg.data)
-        data = load_challenge(cfg.data)
+        # Scored by the Rand index only, for which class ids are structure ids too: reading the
+        # masks as ids accepts #165 and #150 folders alike.
+        data = load_challenge(cfg.data, label_mode="instance")
         train_cfg = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the training defaults' split
         print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
     else:

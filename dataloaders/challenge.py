@@ -5,6 +5,13 @@ zip), the training labels `y_train.csv` (shipped as `label_Hnl61pT.csv`), and op
 `annotated_labels.json`, `y_test.csv` (phantom only) and `classes.yaml`. Images are decoded
 once and cached as a `.npy` beside the folder or zip, keyed on the files' names, sizes and
 modification times; later runs memory-map the cache.
+
+Two label modes (README, "#150 instance mode"):
+- `class` (challenge #165): mask values are class ids below `num_classes`, the same organ has the
+  same id on every image;
+- `instance` (challenge #150): mask values are per-image structure ids 0..255 that mean nothing
+  across images (0 = no structure, or one left unsegmented). A model cannot learn them as
+  classes; it learns the three `INSTANCE_TARGET_CLASSES` instead (utils/instances.py).
 """
 import hashlib
 import json
@@ -21,11 +28,23 @@ from utils.errors import InputError
 from utils.files import atomic_path
 
 LABEL_FILES = ("y_train.csv", "label_Hnl61pT.csv")
+LABEL_MODES = ("class", "instance")
+# What a model predicts in instance mode: each pixel is background, the interior of a structure,
+# or its boundary (where it meets another structure or background).
+INSTANCE_TARGET_CLASSES = {0: "background", 1: "interior", 2: "boundary"}
 
 
 @dataclass
 class ChallengeData:
-    """Everything a script needs from a data folder. Arrays are `(N, H, W) uint8`."""
+    """Everything a script needs from a data folder. Arrays are `(N, H, W) uint8`.
+
+    In `instance` label mode the masks hold structure ids 0..255, `num_classes` is 3 and
+    `class_names` is `INSTANCE_TARGET_CLASSES` (what the model predicts), and `annotated` is
+    `(N, 3)`: interior and boundary True on every labeled image (a labeled structure is drawn
+    whole, so its interior and boundary pixels are all known), False on unlabeled ones; column
+    0 is False as in class mode. Which 0-pixels are uncertain (a structure left unsegmented) is
+    decided per pixel by `utils.instances.instance_targets`, not per image.
+    """
     root: Path
     train_images: np.ndarray
     train_masks: np.ndarray
@@ -36,6 +55,7 @@ class ChallengeData:
     test_masks: np.ndarray | None       # full test labels (phantom's y_test.csv) or None
     num_classes: int
     class_names: dict = field(default_factory=dict)
+    label_mode: str = "class"           # class | instance
 
     @property
     def image_size(self):
@@ -200,8 +220,33 @@ def _read_masks(path, image_names, image_size, kind):
     return masks, [order[name] for name in image_names]
 
 
-def load_challenge(root, num_classes=55):
-    """Load a challenge (or phantom) data folder; see `ChallengeData`. Errors name the file."""
+def _check_class_labels(path, masks, num_classes, class_names):
+    """Class mode: every label must be below num_classes; instance ids get a hint at the mode."""
+    if masks.size == 0 or int(masks.max()) < num_classes:
+        return
+    hint = "" if class_names else (" (per-image structure ids of challenge #150? "
+                                   "use --label_mode instance)")
+    raise InputError(f"{path}: label {int(masks.max())} is not below num_classes "
+                     f"{num_classes}{hint}")
+
+
+def _instance_annotated(masks):
+    """(N, 3) bool of instance mode (see `ChallengeData`): interior and boundary on labeled images."""
+    labeled = masks.reshape(len(masks), -1).any(axis=1)
+    annotated = np.zeros((len(masks), len(INSTANCE_TARGET_CLASSES)), bool)
+    annotated[:, 1:] = labeled[:, None]
+    return annotated
+
+
+def load_challenge(root, num_classes=55, label_mode="class"):
+    """Load a challenge (or phantom) data folder; see `ChallengeData`. Errors name the file.
+
+    label_mode: `class` (values are class ids below `num_classes`, or below the ids of a
+    `classes.yaml`) or `instance` (values are structure ids 0..255; `num_classes`,
+    `classes.yaml` and `annotated_labels.json` are not used).
+    """
+    if label_mode not in LABEL_MODES:
+        raise InputError(f"label_mode: unknown '{label_mode}' (choose {' or '.join(LABEL_MODES)})")
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: data folder not found")
@@ -217,12 +262,13 @@ def load_challenge(root, num_classes=55):
         by_column = np.argsort(columns)
         train_images = train_images[by_column]
         image_names = [image_names[i] for i in by_column]
-    class_names = _read_classes(root)
-    if class_names:
-        num_classes = max(class_names) + 1
-    if masks.size and int(masks.max()) >= num_classes:
-        raise InputError(f"{label_path}: label {int(masks.max())} is not below num_classes "
-                         f"{num_classes}")
+    if label_mode == "instance":
+        class_names, num_classes = dict(INSTANCE_TARGET_CLASSES), len(INSTANCE_TARGET_CLASSES)
+    else:
+        class_names = _read_classes(root)
+        if class_names:
+            num_classes = max(class_names) + 1
+        _check_class_labels(label_path, masks, num_classes, class_names)
 
     test_images, test_names = load_images(root, "test")
     test_masks = None
@@ -234,12 +280,16 @@ def load_challenge(root, num_classes=55):
         test_label, test_columns = _read_masks(root / "y_test.csv", test_names,
                                                test_images.shape[1:], "test")
         test_masks = test_label[test_columns]
+        if label_mode == "class":
+            _check_class_labels(root / "y_test.csv", test_masks, num_classes, class_names)
 
+    annotated = (_instance_annotated(masks) if label_mode == "instance"
+                 else _read_annotated(root, masks, num_classes))
     return ChallengeData(
         root=root, train_images=train_images, train_masks=masks, train_names=image_names,
-        annotated=_read_annotated(root, masks, num_classes), test_images=test_images,
-        test_names=test_names, test_masks=test_masks, num_classes=num_classes,
-        class_names=class_names)
+        annotated=annotated, test_images=test_images, test_names=test_names,
+        test_masks=test_masks, num_classes=num_classes, class_names=class_names,
+        label_mode=label_mode)
 
 
 @dataclass

@@ -2,11 +2,18 @@
 
     python -m dataloaders.phantom --out data/phantom
     python -m dataloaders.phantom --out /tmp/tiny --n_train 40 --n_test 10 --size 128
+    python -m dataloaders.phantom --format instance --out data/phantom_instance   # #150 layout
 
 writes `train-images/0.png …`, `test-images/<n_train>.png …`, `y_train.csv` (partial labels on
 the first round(labeled_fraction·n_train) images, all-zero columns after), `annotated_labels.json`,
 `y_test.csv` (full labels) and `classes.yaml`, then `.phantom_complete` last, so a folder without
 it is an unfinished run. It is for smoke tests and method comparison, not for real CT.
+
+`--format instance` writes the 2024 challenge's (#150) layout instead: the same images, but mask
+values are per-image structure ids — each 8-connected component of each organ is a structure
+with a random id in 1..255, unique within its image (`instance_ids`) — and no
+`annotated_labels.json` or `classes.yaml` (#150 has neither). Partial training labels keep each
+structure with probability `p_annotated`, as the class format keeps each organ.
 
 How a slice is made (`render_slice`): a slice level z in [0, 1] (0 = lower abdomen, 1 = liver dome)
 sets the cross-section of every organ as an ellipsoid would (radius ∝ sqrt(1 - t²)), so organs
@@ -31,6 +38,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from dataloaders.label_csv import write_label_csv
@@ -45,6 +53,7 @@ CLASS_NAMES = {
 (LIVER, SPLEEN, KIDNEY_RIGHT, KIDNEY_LEFT, AORTA, IVC, VERTEBRA, STOMACH, SMALL_BOWEL, COLON,
  PANCREAS, GALLBLADDER, LIVER_LESION, PSOAS) = range(1, 15)
 SIZES = (128, 256, 512)
+LABEL_FORMATS = ("class", "instance")  # challenge #165 class ids | challenge #150 structure ids
 COMPLETE_MARKER = ".phantom_complete"
 OWNER_STAMP = ".phantom_owner"  # written first: lets a rerun overwrite an unfinished phantom
 WINDOW_LEVEL, WINDOW_WIDTH = 40.0, 400.0  # soft-tissue window in HU
@@ -589,6 +598,26 @@ def partial_labels(seed, index, labels, p_annotated):
     return lookup[labels], [int(v) for v in kept]
 
 
+def instance_ids(seed, index, labels):
+    """Structure ids of a class map in the #150 style: each 8-connected component of each class
+    > 0 gets its own random id in 1..255, unique within the image; 0 stays 0.
+
+    Deterministic for (seed, index), from a generator of its own (images and partial labels do
+    not change). Returns a uint8 array like `labels`.
+    """
+    structures = np.zeros(labels.shape, np.int32)
+    count = 0
+    for class_id in np.unique(labels[labels > 0]):
+        components, found = ndimage.label(labels == class_id, structure=np.ones((3, 3), bool))
+        structures[components > 0] = components[components > 0] + count
+        count += found
+    if count > 255:
+        raise ValueError(f"slice {index}: {count} structures do not fit ids 1..255")
+    rng = np.random.default_rng([seed, index, 2])
+    lookup = np.concatenate([[0], rng.choice(255, count, replace=False) + 1]).astype(np.uint8)
+    return lookup[structures]
+
+
 # ==== the folder ====
 def _render_many(job):
     seed, indices, size = job
@@ -613,7 +642,9 @@ def render_all(seed, indices, size, workers):
             yield from ((i, *s) for i, s in zip(job[1], slices))
 
 
-def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated):
+def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format):
+    if label_format not in LABEL_FORMATS:
+        raise InputError(f"--format: '{label_format}' is not one of {', '.join(LABEL_FORMATS)}")
     if size not in SIZES:
         raise InputError(f"--size: {size} is not one of {', '.join(map(str, SIZES))}")
     for flag, value in (("--n_train", n_train), ("--n_test", n_test)):
@@ -640,17 +671,20 @@ def _prepare_folder(out_dir):
 
 
 def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, size=256, seed=0,
-                     p_annotated=0.6, workers=None):
+                     p_annotated=0.6, label_format="class", workers=None):
     """Write the phantom data folder (SPEC §2.1 layout + y_test.csv, classes.yaml) to `out_dir`.
 
     Train images are 0..n_train-1 (the first round(labeled_fraction·n_train) carry partial
-    labels), test images n_train..n_train+n_test-1. `workers`: processes (default: up to 4 for
-    large jobs, else 1); the output does not depend on it. Returns `out_dir` as a Path.
+    labels), test images n_train..n_train+n_test-1. `label_format` `instance` writes structure
+    ids instead of classes (`instance_ids`) and neither annotated_labels.json nor classes.yaml;
+    the images are the same. `workers`: processes (default: up to 4 for large jobs, else 1);
+    the output does not depend on it. Returns `out_dir` as a Path.
     Raises InputError on bad arguments or a non-empty folder that is not a phantom.
     """
     settings = phantom_settings(n_train=n_train, labeled_fraction=labeled_fraction,
-                                n_test=n_test, size=size, seed=seed, p_annotated=p_annotated)
-    check_arguments(n_train, labeled_fraction, n_test, size, p_annotated)
+                                n_test=n_test, size=size, seed=seed, p_annotated=p_annotated,
+                                label_format=label_format)
+    check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format)
     out_dir = Path(out_dir)
     _prepare_folder(out_dir)
     n_labeled = round(labeled_fraction * n_train)
@@ -663,6 +697,8 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     slices = render_all(seed, list(range(total)), size, workers)
     for index, image, labels in tqdm(slices, total=total, desc="phantom", leave=False,
                                      disable=None):
+        if label_format == "instance":
+            labels = instance_ids(seed, index, labels)
         if index < n_train:
             cv2.imwrite(str(out_dir / "train-images" / f"{index}.png"), image)
             if index < n_labeled:
@@ -674,9 +710,12 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     write_label_csv(out_dir / "y_train.csv", train_masks, [f"{i}.png" for i in range(n_train)])
     write_label_csv(out_dir / "y_test.csv", test_masks,
                     [f"{i}.png" for i in range(n_train, total)])
-    (out_dir / "annotated_labels.json").write_text(json.dumps(annotated) + "\n")
-    (out_dir / "classes.yaml").write_text(
-        "".join(f"{i}: {name}\n" for i, name in CLASS_NAMES.items()))
+    for stale in ("annotated_labels.json", "classes.yaml"):  # of an earlier class-format run
+        (out_dir / stale).unlink(missing_ok=True)
+    if label_format == "class":
+        (out_dir / "annotated_labels.json").write_text(json.dumps(annotated) + "\n")
+        (out_dir / "classes.yaml").write_text(
+            "".join(f"{i}: {name}\n" for i, name in CLASS_NAMES.items()))
     with atomic_path(out_dir / COMPLETE_MARKER) as temporary:  # last: the folder is complete
         Path(temporary).write_text(json.dumps(settings) + "\n")
     return out_dir
@@ -727,6 +766,9 @@ def main(argv=None):
                         help="base seed (slice i uses the generator [seed, i])")
     parser.add_argument("--p_annotated", type=float, default=defaults["p_annotated"],
                         help="probability that a present structure is annotated")
+    parser.add_argument("--format", dest="label_format", default=defaults["label_format"],
+                        help="class: organ class ids (challenge #165) | instance: per-image "
+                             "structure ids 1..255 (challenge #150)")
     args = parser.parse_args(argv)
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     print("phantom: " + ", ".join(f"{key}={value}" for key, value in settings.items()))
@@ -734,7 +776,8 @@ def main(argv=None):
     out_dir = generate_phantom(args.out, **settings)
     print(f"Wrote {args.n_train} train ({round(args.labeled_fraction * args.n_train)} labeled) + "
           f"{args.n_test} test slices ({args.size}x{args.size}) to {out_dir}/ in "
-          f"{time.perf_counter() - start:.1f} s; next: python train_supervised.py --data {out_dir}")
+          f"{time.perf_counter() - start:.1f} s; next: python train_supervised.py --data {out_dir}"
+          + " --label_mode instance" * (args.label_format == "instance"))
 
 
 if __name__ == "__main__":
