@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import os
 import sys
+import warnings
 from datetime import timedelta
 
 import torch
@@ -171,5 +172,8 @@ def data_parallel(model, device):
     elif has_batchnorm:
         print("note: BatchNorm statistics are per process on the CPU (SyncBatchNorm needs CUDA); "
               "rank 0's running statistics are the ones kept")
+    # SegFormer's depthwise convolutions have weights [C, 1, k, k]: their gradients' stride
+    # along the size-1 axis differs from DDP's bucket view, the same layout in memory
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(applied, device_ids=[device.index] if device.type == "cuda"
                                    else None)
