@@ -358,6 +358,9 @@ def _ddp_worker(rank, world, port, threads, batch, size, steps, results):
     """One of `world` processes, with the environment torchrun would give it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from utils import distributed
+
+    distributed.print_from_main_only()
     torch.set_num_threads(threads)
     seconds = _ddp_train_seconds(batch, size, steps)
     if rank == 0:
