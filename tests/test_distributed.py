@@ -98,6 +98,8 @@ def test_rank_zero_alone_writes_and_its_checkpoint_is_a_plain_one(two_by_two, wo
     assert f"per-class Dice {best['val_dice']:.4f}" in capsys.readouterr().out
 
 
+@pytest.mark.xfail(strict=True, reason="until the epoch loaders give each rank its share of the "
+                   "global batch with per-sample augmentation seeds (dataloaders/sampling.py)")
 def test_two_processes_of_batch_2_train_as_one_of_batch_4(two_by_two, workdir, tiny_phantom,
                                                           monkeypatch):
     monkeypatch.chdir(workdir)
