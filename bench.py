@@ -9,7 +9,8 @@ index and per-class Dice vs per-image implementations), `networks` (images/s and
 GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
 torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
 elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step vs one
-supervised step). No test asserts on these timings.
+supervised step), `ddp` (1 vs 2 gloo processes at the same global batch: throughput ratio). No
+test asserts on these timings.
 """
 import argparse
 import os
@@ -323,6 +324,75 @@ def bench_unimatch_step(report, size=256, batch=4, quick=False):
            f"{unimatch_seconds:.3f} s = {unimatch_seconds / supervised_seconds:.2f}× the supervised step")
 
 
+# ==== several processes (torchrun's DDP on the CPU) ====
+def _ddp_train_seconds(batch, size, steps):
+    """Seconds for `steps` SegFormer-B0 training steps of `batch` images per process, through
+    utils.distributed as the training scripts use it (one process: no process group)."""
+    from utils import distributed
+
+    cpu = torch.device("cpu")
+    distributed.start(cpu, timeout_minutes=5)
+    torch.manual_seed(0)
+    forward = distributed.data_parallel(build_model("segformer_b0", num_classes=15), cpu)
+    optimizer = torch.optim.AdamW(forward.parameters(), lr=1e-4)
+    images, masks = torch.randn(batch, 1, size, size), torch.randint(0, 15, (batch, size, size))
+
+    def step():
+        loss = forward(lambda model: F.cross_entropy(model(images), masks))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    distributed.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    distributed.barrier()
+    seconds = time.perf_counter() - started
+    distributed.stop()
+    return seconds
+
+
+def _ddp_worker(rank, world, port, threads, batch, size, steps, results):
+    """One of `world` processes, with the environment torchrun would give it."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from utils import distributed
+
+    distributed.print_from_main_only()
+    torch.set_num_threads(threads)
+    seconds = _ddp_train_seconds(batch, size, steps)
+    if rank == 0:
+        results.put(seconds)
+
+
+def bench_ddp(report, size=128, global_batch=8, quick=False):
+    """1 process × batch G vs 2 gloo processes × G/2 on the CPU, the cores shared out equally:
+    the throughput ratio (≤ 1 on a 2-core machine, where the processes only add the gradient
+    all-reduce; on a GPU node each process has its own device)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if quick:
+        size, global_batch = 64, 4
+    steps = 2 if quick else 10
+    threads = torch.get_num_threads()
+    one = _ddp_train_seconds(global_batch, size, steps)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(2, port, max(1, threads // 2), global_batch // 2, size,
+                                          steps, results), nprocs=2, start_method="spawn")
+    two = results.get()
+    report(f"DDP, SegFormer-B0 train steps at {size}², global batch {global_batch}",
+           f"1 process {global_batch * steps / one:.1f} img/s, 2 gloo processes "
+           f"{global_batch * steps / two:.1f} img/s: ratio {one / two:.2f}")
+
+
 def report(name, text):
     print(f"{name:<58} {text}", flush=True)
 
@@ -331,8 +401,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
-    parser.add_argument("--only", nargs="+", choices=["csv", "metrics", "networks", "unimatch"],
-                        default=["csv", "metrics", "networks", "unimatch"])
+    parser.add_argument("--only", nargs="+",
+                        choices=["csv", "metrics", "networks", "unimatch", "ddp"],
+                        default=["csv", "metrics", "networks", "unimatch", "ddp"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
@@ -346,6 +417,8 @@ def main():
         bench_networks(report, quick=args.quick)
     if "unimatch" in args.only:
         bench_unimatch_step(report, quick=args.quick)
+    if "ddp" in args.only:
+        bench_ddp(report, quick=args.quick)
     print(f"bench done in {time.perf_counter() - started:.0f} s")
 
 

@@ -3,6 +3,7 @@
     python train_supervised.py                                  # phantom preset if data/ is empty
     python train_supervised.py --data data --labeled_ratio 0.8 --gpu 0 --loss tvmf_dice
     python train_supervised.py --resume runs/latest/last.pth     # continue an interrupted run
+    torchrun --nproc_per_node 4 train_supervised.py             # 4 GPUs (README: Several GPUs)
 
 Naming: `img_x`/`mask_x` are a labeled batch and its masks. Loss `dice` by default (the AttUNet
 baseline); `tvmf_dice` sharpens per class as validation Dice grows (κ updated after each
@@ -12,6 +13,7 @@ an organ not annotated on this image" (utils/losses.py).
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import forward_with_edges
 from utils.builders import build_network, epoch_loader, iterations_per_epoch, load_data
+from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
 from utils.losses import build_loss, edge_term
@@ -31,6 +33,7 @@ def train(cfg):
 
     # ==== model, loss, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
+    train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
     loss_fn = build_loss(cfg).to(device)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)
@@ -39,7 +42,7 @@ def train(cfg):
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)
 
     # ==== the training step: the only method-specific part ====
-    def train_step(batch):
+    def train_step(model, batch):
         logits, edge_logits = forward_with_edges(model, batch["image"])  # no edges: None
         loss_x = loss_fn(logits, batch["mask"], annotated=batch["annotated"],
                          certain_background=batch["certain_background"])
@@ -57,7 +60,7 @@ def train(cfg):
         loader = epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size)
         for batch in run.steps(loader, iterations, epoch):
             with autocast(device, cfg):
-                loss, logs = train_step(batch)
+                loss, logs = train_forward(train_step, batch)
             optimizer_step(loss, optimizer, scaler, cfg)
             if cfg.scheduler == "poly":
                 scheduler.step()

@@ -7,6 +7,7 @@
         --freeze_encoder_stages 2
     python train_teacher_student.py --mode bcp --edge_guided true
     python train_teacher_student.py --resume runs/latest/last.pth --mode bcp
+    torchrun --nproc_per_node 4 train_teacher_student.py --mode bcp   # README: Several GPUs
 
 - pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a
   teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
@@ -45,9 +46,11 @@ from dataloaders.datasets import LabeledSlices
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             load_init_weights, semi_supervised_sets)
+from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, Config, read_yaml_chain
 from utils.engine import TrainingRun, run_directory
+from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
 from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, edge_term, mse_consistency
@@ -132,7 +135,8 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
 
 # ==== the training steps: each mode's whole step, schedule and teacher updates included ====
 # `m` holds the run's parts (student, teacher, static_teacher, loss_sup, loss_stream, optimizer,
-# scaler, device); `it` the position: epoch, iteration (steps before this one), per_epoch, total.
+# scaler, device, and train_forward: the student's loss computation, through DDP under torchrun);
+# `it` the position: epoch, iteration (steps before this one), per_epoch, total.
 def ramped_consistency_weight(cfg, it):
     """w·exp(−5(1−t)²) with t = epochs done / `rampup_epochs` (Laine & Aila 2017)."""
     ramp = it.iteration / it.per_epoch / cfg.rampup_epochs if cfg.rampup_epochs > 0 else 1
@@ -142,8 +146,8 @@ def ramped_consistency_weight(cfg, it):
 def pseudo_label_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
     with autocast(m.device, cfg):
-        loss, logs = consistency_loss(m.student, m.teacher, batch_x, batch_u, m.loss_sup, cfg,
-                                      ramped_consistency_weight(cfg, it))
+        loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
+                                     cfg, ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     return logs
 
@@ -151,8 +155,8 @@ def pseudo_label_step(m, batch_x, batch_u, it, cfg):
 def mean_teacher_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss, ramped MSE to the EMA teacher, then the teacher follows the student."""
     with autocast(m.device, cfg):
-        loss, logs = consistency_loss(m.student, m.teacher, batch_x, batch_u, m.loss_sup, cfg,
-                                      ramped_consistency_weight(cfg, it))
+        loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
+                                     cfg, ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
     return logs
@@ -170,8 +174,9 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     start, end = cfg.mask_ratio_schedule
     ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
     with autocast(m.device, cfg):
-        loss, logs = bcp_loss(m.student, (m.teacher, m.static_teacher) if self_training else None,
-                              batch_x, batch_u, m.loss_sup, m.loss_stream, cfg, ratio)
+        loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
+                                     else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
+                                     cfg, ratio)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
     return logs
@@ -196,21 +201,18 @@ def dual_teacher_pseudo_labels(dynamic, static, images):
 
 
 # ==== pseudo_label: teacher and pseudo-label set ====
-def rank_pseudo_labels(labels, confidence, n_keep, conf_thresh):
-    """Rank teacher predictions by confidence and keep the best `n_keep`.
+def score_pseudo_labels(labels, confidence, conf_thresh):
+    """Score teacher predictions, slice by slice (so that processes can share the pool).
 
     labels (M, H, W) uint8 and confidence (M, H, W) float (max softmax). Score of a slice: mean
     confidence over its predicted foreground (labels > 0); 0 with no foreground (nothing to learn).
-    Returns (order (M,) slice indices best first, ties by index; scores (M,); masks (n_keep, H, W)
-    uint8 of order[:n_keep], IGNORE_INDEX where confidence < conf_thresh).
+    Returns (scores (M,); masks (M, H, W) uint8, IGNORE_INDEX where confidence < conf_thresh).
     """
     foreground = labels > 0
     counts = foreground.sum((1, 2))
     scores = np.where(counts > 0, (confidence * foreground).sum((1, 2)) / np.maximum(counts, 1), 0)
-    order = np.argsort(-scores, kind="stable")
-    kept = order[:n_keep]
-    masks = np.where(confidence[kept] < conf_thresh, IGNORE_INDEX, labels[kept]).astype(np.uint8)
-    return order, scores, masks
+    masks = np.where(confidence < conf_thresh, IGNORE_INDEX, labels).astype(np.uint8)
+    return scores, masks
 
 
 def prepare_teacher(cfg, device):
@@ -240,22 +242,31 @@ def prepare_teacher(cfg, device):
 def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device):
     """Label the unlabeled pool, keep the best `n_keep` slices and save them in
     `out_dir`: masks.npy (n, H, W) uint8 (255 = ignored), scores.json, one overlay PNG per kept
-    slice. Returns (arrays for LabeledSlices, logs: mean kept score, count, ignored-pixel share)."""
+    slice. Returns (arrays for LabeledSlices, logs: mean kept score, count, ignored-pixel share).
+    Under torchrun each process labels its share of the pool and all of them gather the rest;
+    rank 0 writes the files."""
     images = np.asarray(pool_images[pool_indices])
+    share = np.array_split(np.arange(len(images)), distributed.world_size())[distributed.rank()]
     labels, confidence = predict_slices(
-        teacher, images, facts["img_size"], facts["normalize"], device, cfg.eval_batch_size,
-        cfg.tta, with_confidence=True, progress=lambda it: tqdm(it, "pseudo-labels", leave=False))
-    order, scores, masks = rank_pseudo_labels(labels, confidence, n_keep, cfg.conf_thresh)
+        teacher, images[share], facts["img_size"], facts["normalize"], device,
+        cfg.eval_batch_size, cfg.tta, with_confidence=True, progress=lambda it: tqdm(
+            it, "pseudo-labels", leave=False, disable=None if distributed.is_main() else True))
+    shares = distributed.all_gather_object(score_pseudo_labels(labels, confidence,
+                                                               cfg.conf_thresh))
+    scores, masks = (np.concatenate(parts) for parts in zip(*shares))
+    order = np.argsort(-scores, kind="stable")  # best first, ties by index
+    masks = masks[order[:n_keep]]
     names = list(data.train_names) + [f"test_{name}" for name in data.test_names]
     kept_names = [names[pool_indices[i]] for i in order[:n_keep]]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "masks.npy", masks)
-    ranking = [{"rank": rank, "name": names[pool_indices[i]], "score": float(scores[i]),
-                "kept": rank < n_keep} for rank, i in enumerate(order)]
-    (out_dir / "scores.json").write_text(json.dumps(
-        {"conf_thresh": cfg.conf_thresh, "kept": n_keep, "slices": ranking}, indent=1))
-    save_overlays(out_dir / "png", kept_names, images[order[:n_keep]],
-                  np.where(masks == IGNORE_INDEX, 0, masks), data.num_classes)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / "masks.npy", masks)
+        ranking = [{"rank": rank, "name": names[pool_indices[i]], "score": float(scores[i]),
+                    "kept": rank < n_keep} for rank, i in enumerate(order)]
+        (out_dir / "scores.json").write_text(json.dumps(
+            {"conf_thresh": cfg.conf_thresh, "kept": n_keep, "slices": ranking}, indent=1))
+        save_overlays(out_dir / "png", kept_names, images[order[:n_keep]],
+                      np.where(masks == IGNORE_INDEX, 0, masks), data.num_classes)
     logs = {"conf_pseudo": float(scores[order[:n_keep]].mean()), "pseudo_kept": n_keep,
             "pseudo_ignored": float((masks == IGNORE_INDEX).mean())}
     print(f"Pseudo-labels: kept {n_keep} of {len(images)} unlabeled slices, scores "
@@ -344,7 +355,8 @@ def main(argv=None):
 
     parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
                             loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
-                            scaler=scaler, device=device)
+                            scaler=scaler, device=device,
+                            train_forward=data_parallel(student, device))  # after freezing
     train_step = TRAIN_STEPS[cfg.mode]
 
     # ==== loop: an epoch is `iterations` steps ====

@@ -6,6 +6,7 @@ Segmentation", CVPR 2023.
     python train_unimatch.py --labeled_ratio 0.8 --gpu 0
     python train_unimatch.py --num_labeled 8 --init_ckpt runs/sup/best.pth
     python train_unimatch.py --resume runs/latest/last.pth
+    torchrun --nproc_per_node 4 train_unimatch.py --labeled_ratio 0.8   # README: Several GPUs
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w` weak view of an unlabeled slice, `img_u_s1`/`img_u_s2`
 its two strong views (same geometry, independent intensity perturbations, each CutMixed with a
@@ -21,6 +22,7 @@ from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             semi_supervised_sets)
+from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
@@ -90,6 +92,7 @@ def main(argv=None):
 
     # ==== model, losses, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
+    train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
     loss_sup = build_loss(cfg).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
@@ -107,7 +110,7 @@ def main(argv=None):
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2))
         for batch_x, batch_u, batch_mix in run.steps(loaders, iterations, epoch):
             with autocast(device, cfg):
-                loss, logs = unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup,
+                loss, logs = train_forward(unimatch_step, batch_x, batch_u, batch_mix, loss_sup,
                                            loss_stream, cfg, warmup=epoch < cfg.warmup_epochs)
             optimizer_step(loss, optimizer, scaler, cfg)
             if cfg.scheduler == "poly":

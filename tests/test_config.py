@@ -66,3 +66,22 @@ def test_resolved_config_round_trips_through_yaml():
     text = config_to_yaml(cfg)
     assert yaml.safe_load(text)["seed"] == 5
     assert "_overrides" not in text
+
+
+def test_every_network_option_is_settable_and_checked_against_the_network():
+    from utils.builders import check_network_options
+    cfg = load_config("supervised", ["--set", "model_kwargs.segformer.dropout=0"])
+    assert cfg.model_kwargs["segformer"] == {"drop_path_rate": 0.1, "dropout": 0}
+    check_network_options(cfg.model_kwargs)
+    misspelt = load_config("supervised", ["--set", "model_kwargs.segformer.dropot=0"])
+    with pytest.raises(InputError, match=r"model_kwargs.segformer: unknown option\(s\) dropot"):
+        check_network_options(misspelt.model_kwargs)
+    with pytest.raises(InputError, match="model_kwargs: unknown network family 'unet'"):
+        check_network_options({"unet": {"base": 8}})
+    with pytest.raises(InputError, match="'drop_path_rate' must be of type float"):
+        load_config("supervised", ["--set", "model_kwargs.segformer.drop_path_rate=abc"])
+
+
+def test_a_stray_local_rank_flag_is_ignored():
+    assert "local_rank" not in load_config("supervised", ["--local-rank=1"])
+    assert load_config("supervised", ["--local_rank", "0"])["_overrides"] == []

@@ -10,7 +10,8 @@ LAYERS = [
     ["networks", "dataloaders"],
     ["utils.losses", "utils.metrics", "utils.inference", "utils.postprocess", "utils.mixing",
      "utils.plots", "utils.checkpoint"],
-    ["utils.runtime", "utils.builders", "utils.optim", "utils.teachers", "utils.engine"],
+    ["utils.distributed", "utils.runtime", "utils.builders", "utils.optim", "utils.teachers",
+     "utils.engine"],
     ["train_supervised", "train_unimatch", "train_teacher_student", "test", "bench"],
 ]
 INDEPENDENT = [("networks", "dataloaders")]
@@ -35,7 +36,8 @@ def project_imports(path):
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                 else [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+                 if isinstance(node, ast.ImportFrom) and node.module else [])
         found.update(name for name in names if group_of(name) is not None)
     return found
 
@@ -69,6 +71,6 @@ def test_imports_only_point_down_or_sideways():
 
 def test_the_checker_catches_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch\nfrom utils.engine import TrainingRun\n")
-    assert project_imports(bad) == {"utils.engine"}
+    bad.write_text("import torch\nfrom utils.engine import TrainingRun\nfrom utils import engine\n")
+    assert project_imports(bad) == {"utils.engine", "utils.engine.TrainingRun"}
     assert group_of("utils.engine")[0] > group_of("networks.edge")[0]

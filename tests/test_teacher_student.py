@@ -73,19 +73,20 @@ def test_weak_and_strong_views_share_geometry():
 
 
 # ==== pseudo_label: ranking and confidence filtering ====
-def test_pseudo_label_ranking_keeps_the_top_n_and_ignores_unconfident_pixels():
+def test_pseudo_label_scores_and_unconfident_pixels_ignored():
     labels = np.zeros((5, 2, 2), np.uint8)
     confidence = np.full((5, 2, 2), 0.3, np.float32)    # background confidence: not in the score
     labels[0], confidence[0] = 1, 0.9                              # score 0.9
     labels[1, 0], confidence[1, 0] = 2, [0.99, 0.97]               # score 0.98
     labels[3], confidence[3] = 1, [[0.5, 0.6], [0.7, 0.8]]         # score 0.65
     labels[4, 1, 1], confidence[4, 1, 1] = 3, 0.95                 # score 0.95; slice 2: none, 0
-    order, scores, masks = ts.rank_pseudo_labels(labels, confidence, n_keep=3, conf_thresh=0.8)
+    scores, masks = ts.score_pseudo_labels(labels, confidence, conf_thresh=0.8)
     assert np.allclose(scores, [0.9, 0.98, 0.0, 0.65, 0.95])
-    assert order.tolist() == [1, 4, 0, 3, 2]
-    expected = np.array([[[2, 2], [IGNORE, IGNORE]],
-                         [[IGNORE, IGNORE], [IGNORE, 3]],
-                         [[1, 1], [1, 1]]], np.uint8)
+    expected = np.array([[[1, 1], [1, 1]],
+                         [[2, 2], [IGNORE, IGNORE]],
+                         [[IGNORE, IGNORE], [IGNORE, IGNORE]],
+                         [[IGNORE, IGNORE], [IGNORE, 1]],
+                         [[IGNORE, IGNORE], [IGNORE, 3]]], np.uint8)
     assert masks.dtype == np.uint8 and np.array_equal(masks, expected)
 
 

@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, Sampler
 from dataloaders.challenge import load_challenge, make_split, split_summary
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation, normalization_stats)
-from networks import build_model
+from networks import MODELS, build_model, model_options
+from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
 from utils.runtime import epoch_seed, seed_worker
@@ -17,7 +18,8 @@ from utils.runtime import epoch_seed, seed_worker
 
 def load_data(cfg):
     """Data folder -> (ChallengeData, Split, normalisation). Prints the split once."""
-    data = load_challenge(cfg.data, num_classes=cfg.num_classes)
+    with distributed.main_first():  # rank 0 may write the decoded-image cache the others read
+        data = load_challenge(cfg.data, num_classes=cfg.num_classes)
     cfg.num_classes = data.num_classes
     split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed)
     norm = normalization_stats(np.asarray(data.train_images)[split.train])
@@ -27,10 +29,30 @@ def load_data(cfg):
     return data, split, norm
 
 
+def network_family(name):
+    """The `model_kwargs` key of a registered network: 'segformer' for every segformer_b*."""
+    return "segformer" if name.startswith("segformer") else name
+
+
+def check_network_options(model_kwargs):
+    """Every `model_kwargs.<family>.<option>` must be an option of that family's constructor
+    (config.py lets any nested key through here so that every option is settable)."""
+    families = {network_family(name): name for name in MODELS}
+    for family, options in model_kwargs.items():
+        if family not in families:
+            raise InputError(f"model_kwargs: unknown network family '{family}' "
+                             f"(known: {', '.join(families)})")
+        known = model_options(families[family])
+        unknown = sorted(set(options or {}) - set(known))
+        if unknown:
+            raise InputError(f"model_kwargs.{family}: unknown option(s) {', '.join(unknown)} "
+                             f"(options: {', '.join(known)})")
+
+
 def model_config(cfg, data):
     """(name, kwargs) for `build_model`: the family's `model_kwargs` plus channels and classes."""
-    family = "segformer" if cfg.model.startswith("segformer") else cfg.model
-    extra = cfg.model_kwargs.get(family, {})
+    check_network_options(cfg.model_kwargs)
+    extra = cfg.model_kwargs.get(network_family(cfg.model), {})
     if cfg.edge_guided:  # only when on, so plain checkpoints keep their kwargs
         extra = {**extra, "edge_guided": True}
     return cfg.model, {"in_channels": cfg.in_channels, "num_classes": data.num_classes, **extra}
@@ -136,5 +158,6 @@ def epoch_loader(dataset, cfg, epoch, num_batches, batch_size, stream=0):
 
 
 def iterations_per_epoch(cfg, driving_size, batch_size):
-    """`iters_per_epoch`, or one pass over the driving dataset when it is 0."""
-    return cfg.iters_per_epoch or max(1, driving_size // batch_size)
+    """`iters_per_epoch`, or one pass over the driving dataset when it is 0; a step takes
+    `batch_size` samples in each process (torchrun), so a pass has fewer steps with more of them."""
+    return cfg.iters_per_epoch or max(1, driving_size // (batch_size * distributed.world_size()))

@@ -8,8 +8,9 @@ Every script has one YAML file in `configs/` holding all of its defaults; a file
 
 Each top-level key is also a flag (`--labeled_ratio 0.8`); values are parsed with
 `yaml.safe_load`, so `0.8` is a float and `[96, 96]` a list. A key that no YAML declares is an
-error, and so is an override whose type differs from its default (an int may stand for a float).
-The help text of a flag is the comment on its line in the YAML file.
+error, and so is an override whose type differs from its default (an int may stand for a float)
+— except below `OPEN_KEYS`, whose nested keys the code that uses them checks (network options
+against the network's constructor). The help text of a flag is the comment on its line in the YAML file.
 """
 import argparse
 import copy
@@ -21,6 +22,9 @@ import yaml
 from utils.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Mappings that take keys their YAML does not list: every option of every network family, checked
+# against the network's constructor when the network is built (builders.model_config).
+OPEN_KEYS = ("model_kwargs",)
 
 
 class Config(dict):
@@ -66,17 +70,20 @@ def _same_type(default, value):
     return isinstance(value, type(default))
 
 
-def merge(base, override, source, allow_new=False):
-    """Recursively merge `override` into a copy of `base`; new keys are errors unless allowed."""
+def merge(base, override, source, allow_new=False, open_mapping=False):
+    """Recursively merge `override` into a copy of `base`. New keys are errors unless
+    `allow_new` (a `base:` chain, which may also change types) or `open_mapping` (below one of
+    OPEN_KEYS: new keys welcome, known ones keep their type)."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if key not in merged:
-            if not allow_new:
+            if not (allow_new or open_mapping):
                 known = ", ".join(sorted(merged))
                 raise InputError(f"{source}: unknown config key '{key}' (known keys: {known})")
             merged[key] = copy.deepcopy(value)
         elif isinstance(merged[key], dict) and isinstance(value, dict) and merged[key]:
-            merged[key] = merge(merged[key], value, f"{source} [{key}]", allow_new)
+            merged[key] = merge(merged[key], value, f"{source} [{key}]", allow_new,
+                                open_mapping or key in OPEN_KEYS)
         elif allow_new or _same_type(merged[key], value):
             merged[key] = copy.deepcopy(value)
         else:
@@ -120,6 +127,9 @@ def load_config(script, argv=None, description=None, preset=None):
     parser.add_argument("--config", help="an extra YAML file applied on top of the defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any key, nested ones with dots (repeatable)")
+    # What torch.distributed.launch passes (PyTorch 2 spells it --local-rank): accepted and
+    # ignored, the rank comes from the environment (utils/distributed.py).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     for key, default in defaults.items():
         if key in ("config", "set"):
             continue
@@ -128,7 +138,7 @@ def load_config(script, argv=None, description=None, preset=None):
     args = parser.parse_args(argv)
 
     flag_values = {key: value for key, value in vars(args).items()
-                   if key not in ("config", "set") and value is not None}
+                   if key not in ("config", "set", "local_rank") and value is not None}
     user_layers = []
     if args.config:
         extra, _ = read_yaml_chain(args.config)

@@ -21,6 +21,11 @@ decision that changes training (schedules, κ of the t-vMF loss, re-seeding) sta
         if run.stopped:
             break
     run.finish()
+
+Under torchrun (utils/distributed.py) rank 0 alone writes the run directory, `runs/latest`, the
+config, the log, checkpoints and plots, and shows the progress bar; it validates, and the scores
+go to every rank so that κ, the plateau schedule, best and early stopping are decided alike
+everywhere. The logged losses are means over the ranks.
 """
 import json
 import math
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils import distributed
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.config import config_to_yaml
 from utils.errors import InputError, TrainingDiverged
@@ -92,12 +98,12 @@ def evaluate(model, data, indices, cfg, norm, device):
 # ==== the run directory ====
 def run_directory(cfg, method):
     """`out_dir` if given, else the folder of the checkpoint being resumed, else
-    `runs/<method>-<timestamp>`."""
+    `runs/<method>-<timestamp>` (rank 0's clock: the same folder for every process)."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
     if cfg.resume:
         return Path(cfg.resume).resolve().parent
-    return Path("runs") / f"{method}-{datetime.now():%Y%m%d-%H%M%S}"
+    return Path(distributed.broadcast_object(f"runs/{method}-{datetime.now():%Y%m%d-%H%M%S}"))
 
 
 class TrainingRun:
@@ -123,11 +129,12 @@ class TrainingRun:
         if cfg.resume:
             self._restore(Path(cfg.resume))
         self.dir = run_directory(cfg, method)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._point_latest()
-        (self.dir / "config.yaml").write_text(config_to_yaml(cfg))
         self.log_path = self.dir / "log.jsonl"
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        if distributed.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._point_latest()
+            (self.dir / "config.yaml").write_text(config_to_yaml(cfg))
+            self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         print(f"Run directory: {self.dir}")
 
     def _point_latest(self):
@@ -156,6 +163,12 @@ class TrainingRun:
         self.history = list(state["history"])
         print(f"Resumed from {path}: epoch {state['epoch'] + 1} done, best "
               f"{self.cfg.select_metric} {self.best_score:.4f}")
+        trained_with = state.get("world_size", 1)
+        if trained_with != distributed.world_size():
+            print(f"note: {path} was trained by {trained_with} process(es), this run has "
+                  f"{distributed.world_size()}: from epoch {self.start_epoch + 1} on the global "
+                  f"batch is {self.cfg.batch_size} x {distributed.world_size()} and the steps "
+                  "are not those of the uninterrupted run")
 
     def steps(self, batches, total, epoch):
         """Iterate `batches` (a batch dict or a tuple of them) on the device, with a progress bar
@@ -163,7 +176,8 @@ class TrainingRun:
         of epoch `epoch` (0-based); `self.iteration` counts the steps before the current one."""
         self.epoch, self.meters = epoch, Meters()
         bar = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=None)
+                   leave=False, dynamic_ncols=True,
+                   disable=None if distributed.is_main() else True)
         for step, batch in enumerate(bar):
             arrived = time.perf_counter()  # waiting for data counts as overhead, not as the step
             if isinstance(batch, dict):
@@ -181,9 +195,9 @@ class TrainingRun:
         self.meters.update(logs)
 
     def check_finite(self):
-        """The running means; raises `TrainingDiverged` if one is NaN/inf (checkpoints stay as
-        they were)."""
-        means = self.meters.means()
+        """The running means (over the ranks too); raises `TrainingDiverged` if one is NaN/inf
+        on any rank — on every rank at once (checkpoints stay as they were)."""
+        means = distributed.mean_over_ranks(self.meters.means(), self.device)
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
             raise TrainingDiverged(
@@ -200,8 +214,13 @@ class TrainingRun:
         if (epoch + 1) % cfg.eval_every and epoch + 1 < cfg.epochs:
             return None
         losses = self.check_finite()
-        scores = evaluate(self.modules[self.validate_weights], self.data, self.split.val, cfg,
-                          self.norm, self.device)
+        scores = shared = None
+        if distributed.is_main():  # one validation; its predictions (for the plots) stay here
+            scores = evaluate(self.modules[self.validate_weights], self.data, self.split.val, cfg,
+                              self.norm, self.device)
+            shared = {k: v for k, v in scores.items() if k != "predictions"}
+        shared = distributed.broadcast_object(shared)  # every rank applies the same scores
+        scores = scores if scores is not None else shared
         # the learning rate the epoch trained with, before a plateau schedule reacts to the scores
         self._pending = {"epoch": epoch + 1, "iteration": self.iteration,
                          "lr": self.modules["optimizer"].param_groups[0]["lr"], **losses,
@@ -221,6 +240,10 @@ class TrainingRun:
             self.bad_evaluations += 1
         record["step_seconds"] = round(self.step_seconds, 1)
         self.history.append(record)
+        if cfg.early_stop_patience and self.bad_evaluations >= cfg.early_stop_patience:
+            self.stopped = True
+        if not distributed.is_main():
+            return
         with open(self.log_path, "a") as log:
             log.write(json.dumps(record) + "\n")
         self.save(epoch, improved)
@@ -228,9 +251,8 @@ class TrainingRun:
                           if k.startswith(("loss", "val_", "conf")))
         print(f"epoch {epoch + 1}/{cfg.epochs} {values} lr {record['lr']:.2e}"
               f"{' *best*' if improved else ''}")
-        if cfg.early_stop_patience and self.bad_evaluations >= cfg.early_stop_patience:
+        if self.stopped:
             print(f"Early stop: no improvement in {cfg.early_stop_patience} evaluations.")
-            self.stopped = True
         last = self.stopped or epoch + 1 == cfg.epochs
         if last or time.time() - self.plotted_at >= cfg.plot_every_seconds:
             self.plot(scores["predictions"])
@@ -249,7 +271,7 @@ class TrainingRun:
         state = {"model_name": self.model_name, "model_kwargs": self.model_kwargs,
                  "method": self.method, "epoch": epoch, "iteration": self.iteration,
                  "best_score": self.best_score, "bad_evaluations": self.bad_evaluations,
-                 "history": self.history,
+                 "history": self.history, "world_size": distributed.world_size(),
                  "config": {k: v for k, v in self.cfg.items() if not k.startswith("_")},
                  "data": self.facts}
         state.update({name: module.state_dict() for name, module in self.modules.items()})
@@ -258,7 +280,10 @@ class TrainingRun:
             save_checkpoint(state, self.dir / "best.pth")
 
     def finish(self):
-        """The closing summary line: where the outputs are and what to run next."""
+        """The closing summary line: where the outputs are and what to run next. Under torchrun
+        every rank waits here until rank 0 has written everything (a teacher run's best.pth is
+        read next by all of them)."""
+        distributed.barrier()
         best, seconds = self.dir / "best.pth", time.time() - self.started
         print(f"Done in {seconds:.0f} s ({self.step_seconds / max(seconds, 1e-9):.0%} in training "
               f"steps): best {self.cfg.select_metric} {self.best_score:.4f}; checkpoints, log "

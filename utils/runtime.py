@@ -4,6 +4,7 @@ there is no challenge data), the device, and the random seeds.
 Exact resume rests on `epoch_seed`: a training loop re-seeds every generator from (seed, epoch)
 at the start of each epoch, so a run resumed after epoch e repeats epoch e+1 exactly.
 """
+import functools
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from dataloaders.challenge import has_challenge_files
 from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
+from utils import distributed
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 
@@ -34,14 +36,18 @@ def setup(script, argv, description):
     """Resolve the config (phantom preset included), print it once, return it.
 
     With no challenge files in `data/`, the phantom is generated into `data/phantom` (once).
+    Under torchrun this also joins the process group (utils/distributed.py).
     """
     cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
+    distributed.print_from_main_only()
+    distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
             raise InputError(f"{cfg.data}: no train-images/ folder or train-images.zip")
         print(f"No challenge files in '{cfg.data}/': using the built-in CT phantom in "
               f"{PHANTOM_DIR}/ with the phantom preset (configs/phantom.yaml).")
-        ensure_phantom(PHANTOM_DIR)
+        with distributed.main_first():
+            ensure_phantom(PHANTOM_DIR)
         cfg.data = str(PHANTOM_DIR)
     elif "_preset" in cfg:
         print(f"'{cfg.data}' is a phantom folder: the phantom preset (configs/phantom.yaml) applies.")
@@ -49,13 +55,23 @@ def setup(script, argv, description):
     return cfg
 
 
+@functools.cache  # one answer, and one warning, per process
 def pick_device(gpu):
-    """`gpu` = CUDA index, -1 = CPU. A missing CUDA device warns once and falls back to the CPU."""
+    """`gpu` = CUDA index, -1 = CPU. A missing CUDA device warns once and falls back to the CPU.
+
+    Under torchrun a `gpu` >= 0 means CUDA, and each process takes `cuda:LOCAL_RANK` (choose
+    the GPUs with CUDA_VISIBLE_DEVICES); more processes per node than devices is an error."""
     if gpu is None or gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         print(f"warning: --gpu {gpu} asked for, but CUDA is not available; running on the CPU")
         return torch.device("cpu")
+    if distributed.is_distributed():
+        if distributed.local_world_size() > torch.cuda.device_count():
+            raise InputError(f"--nproc_per_node: {distributed.local_world_size()} processes on "
+                             f"this node but {torch.cuda.device_count()} CUDA device(s); start "
+                             "at most one process per GPU, or CPU processes with --gpu -1")
+        return torch.device("cuda", distributed.local_rank())
     if gpu >= torch.cuda.device_count():
         print(f"warning: --gpu {gpu} does not exist ({torch.cuda.device_count()} CUDA "
               "device(s)); running on the CPU")
@@ -83,8 +99,11 @@ EPOCH_STREAM = 1000  # the stream of the global generators, apart from the loade
 
 def seed_epoch(seed, epoch):
     """Re-seed random, NumPy and torch from (seed, epoch) at the start of an epoch: what makes a
-    run resumed after epoch e repeat epoch e+1 exactly as the uninterrupted run did."""
-    seed_everything(epoch_seed(seed, epoch, stream=EPOCH_STREAM))
+    run resumed after epoch e repeat epoch e+1 exactly as the uninterrupted run did. Under
+    torchrun rank r takes stream EPOCH_STREAM + r, so the draws of a training step (dropout,
+    CutMix boxes) differ between processes as between the samples of one batch; rank 0 draws
+    what one process does."""
+    seed_everything(epoch_seed(seed, epoch, stream=EPOCH_STREAM + distributed.rank()))
 
 
 def seed_worker(worker_id):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils import distributed
 from utils.errors import InputError
 from utils.losses import IGNORE_INDEX
 from utils.postprocess import keep_largest_component
@@ -15,7 +16,9 @@ from utils.postprocess import keep_largest_component
 
 def ema_update(teacher, student, alpha, step):
     """teacher ← a·teacher + (1−a)·student with a = min(1 − 1/(step+1), alpha) (Tarvainen &
-    Valpola 2017: the warm start lets the teacher follow the student closely at first)."""
+    Valpola 2017: the warm start lets the teacher follow the student closely at first). Buffers
+    are copied, rank 0's under torchrun, so the teacher is the same in every process."""
+    distributed.sync_buffers(student)
     a = min(1 - 1 / (step + 1), alpha)
     with torch.no_grad():
         for t, s in zip(teacher.parameters(), student.parameters()):
