@@ -1,7 +1,6 @@
 """The code map of the README, checked on the imports: each module imports only from its own layer
 or the layers below, and `networks/` and `dataloaders/` stay independent of each other."""
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 
