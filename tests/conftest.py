@@ -15,6 +15,9 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The tests' tensors are tiny: one intra-op thread is as fast, and it does not stall when other
+# jobs share the CPU (two spinning threads made the suite 7x slower on a busy 2-core machine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
