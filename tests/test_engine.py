@@ -84,7 +84,8 @@ def test_a_nan_loss_exits_1_with_one_line_and_keeps_the_last_checkpoint(run_args
             calls.append(1)
             if len(calls) == 1:
                 return real_forward(*args, **kwargs)
-            saved.update({name: Path("run", name).read_bytes() for name in ("last.pth", "best.pth")})
+            saved.update({name: Path("run", name).read_bytes()
+                          for name in ("last.pth", "best.pth")})
             return real_forward(*args, **kwargs) * math.nan
         loss_fn.forward = forward
         return loss_fn
