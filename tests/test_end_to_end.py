@@ -14,15 +14,6 @@ from utils.errors import run_cli
 TINY = ["--config", "configs/tiny.yaml"]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    """Run inside a temporary folder (runs/latest is relative) with the repo's configs."""
-    from conftest import ROOT
-    monkeypatch.chdir(tmp_path)
-    os.symlink(ROOT / "configs", tmp_path / "configs")
-    return tmp_path
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_phantom):
     """One 2-epoch run shared by the tests that only read its outputs."""

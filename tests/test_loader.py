@@ -1,4 +1,5 @@
-"""The challenge loader (SPEC §2.1, §3, §9) on small fixtures written like the real files."""
+"""The challenge loader (README "Using the challenge data") on small fixtures written like the
+real files."""
 import json
 import os
 import shutil

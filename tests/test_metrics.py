@@ -185,3 +185,37 @@ def test_cli_rejects_labels_beyond_num_classes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         metrics.run_cli(metrics.main, ["--truth", str(truth_path), "--pred", str(pred_path), "--num_classes", "3"])
     assert "--num_classes 0" in capsys.readouterr().err
+
+
+# ==== partial labels: only annotated classes are scored ====
+def test_restrict_to_annotated_by_hand():
+    prediction = np.array([[0, 1, 2], [3, 2, 1], [2, 2, 0]], np.uint8)
+    predictions = np.stack([prediction, prediction])
+    annotated = np.array([[False, True, False, True],     # slice 0: classes 1 and 3
+                          [True, False, True, False]])    # slice 1: class 2
+    restricted = metrics.restrict_to_annotated(predictions, annotated)
+    expected = np.array([[[0, 1, 0], [3, 0, 1], [0, 0, 0]],
+                         [[0, 0, 2], [0, 2, 0], [2, 2, 0]]], np.uint8)
+    assert restricted.dtype == np.uint8
+    np.testing.assert_array_equal(restricted, expected)
+    assert not annotated[0, 0]                             # the caller's array is left alone
+    np.testing.assert_array_equal(predictions[0], prediction)
+
+
+def test_score_predictions_with_annotated_classes_by_hand():
+    truth = np.array([[[1, 1, 0], [0, 2, 2], [0, 0, 0]]])
+    predictions = np.array([[[1, 0, 3], [0, 2, 2], [3, 1, 0]]])
+    annotated = np.array([[False, True, True, False]])    # class 3 is not annotated here
+    # Scored prediction: the two 3s become 0 → [[1,0,0],[0,2,2],[0,1,0]].
+    # Dice: class 1 |G| 2, |P| 2, |G∩P| 1 → 1/2; class 2 → 1; class 3 empty in both → NaN.
+    # Rand index on truth != 0: truth {1,1,2,2} vs prediction {1,0,2,2}: Σ C(n_ij) = 1,
+    # Σ C(a_i) = 2, Σ C(b_j) = 1, C(4) = 6 → (1 − 2/6) / (3/2 − 2/6) = 4/7.
+    scores = metrics.score_predictions(truth, predictions, 4, annotated)
+    np.testing.assert_allclose(scores["per_class_dice"], [np.nan, 0.5, 1.0, np.nan])
+    assert scores["dice"] == pytest.approx(0.75) and scores["rand"] == pytest.approx(4 / 7)
+    # the foreground fractions are of the raw prediction: 6 of 9 pixels, truth 4 of 9
+    assert scores["fg_pred"] == pytest.approx(6 / 9) and scores["fg_true"] == pytest.approx(4 / 9)
+    # without the annotation the two 3s are false positives: class 3 Dice 0 → (1/2 + 1 + 0) / 3
+    unrestricted = metrics.score_predictions(truth, predictions, 4)
+    assert unrestricted["dice"] == pytest.approx(0.5)
+    assert unrestricted["per_class_dice"][3] == 0.0

@@ -1,5 +1,6 @@
-"""The built-in CT phantom (dataloaders/phantom.py, SPEC §2.3): layout, determinism, partial
-labels, anatomy that a wrong geometry would break, ensure_phantom and the CLI."""
+"""The built-in CT phantom (dataloaders/phantom.py, README "The built-in phantom"): layout,
+determinism, partial labels, anatomy that a wrong geometry would break, ensure_phantom and the
+CLI."""
 import json
 import subprocess
 import sys

@@ -26,9 +26,21 @@ def test_class_colors_distinct_fixed_background_black():
         assert colors.shape == (num_classes, 3) and colors.dtype == np.uint8
         assert (colors[0] == 0).all()
         assert len(np.unique(colors, axis=0)) == num_classes
-    np.testing.assert_array_equal(class_colors(55), class_colors(55))
     # A class keeps its colour whatever the number of classes.
     np.testing.assert_array_equal(class_colors(55), class_colors(256)[:55])
+
+
+def test_class_colors_follow_the_golden_ratio_rule_by_hand():
+    # id 1: hue 0.618 (sector 3 of 6, f = 0.7082), saturation 0.65, brightness 1.0:
+    #   RGB = (1 − 0.65, 1 − 0.65·f, 1) · 255 = (89.25, 137.6, 255)
+    # id 5: hue 5·0.618 mod 1 = 0.0902 (sector 0, f = 0.5410), saturation 0.8, brightness 0.8:
+    #   RGB = (0.8, 0.8·(1 − 0.8·(1 − f)), 0.8·(1 − 0.8)) · 255 = (204, 129.1, 40.8)
+    # id 2: hue 0.236 (sector 1, f = 0.4164), saturation 0.8, brightness 1.0:
+    #   RGB = (1 − 0.8·f, 1, 1 − 0.8) · 255 = (170.1, 255, 51) — far from id 1's blue
+    colors = class_colors(6)
+    np.testing.assert_array_equal(colors[1], [89, 138, 255])
+    np.testing.assert_array_equal(colors[2], [170, 255, 51])
+    np.testing.assert_array_equal(colors[5], [204, 129, 41])
 
 
 def test_colorize_and_overlay_by_hand():

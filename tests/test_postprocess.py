@@ -156,7 +156,8 @@ def test_outside_air_mask_by_hand():
 
 
 def adjusted_rand_index(truth, pred):
-    """Hubert & Arabie ARI from the contingency table, on pixels where truth > 0 (SPEC §4.2)."""
+    """Hubert & Arabie ARI from the contingency table, on pixels where truth > 0 (README,
+    Metrics)."""
     keep = truth > 0
     pairs = {}
     for a, b in zip(truth[keep].tolist(), pred[keep].tolist()):

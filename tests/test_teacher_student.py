@@ -3,13 +3,13 @@ dual teacher, largest components, the edge branch, and a smoke run of each mode.
 import copy
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import IntensityClassifier, Recorder
 
 import test as test_script
 import train_teacher_student as ts
@@ -98,32 +98,6 @@ def test_a_loaded_teacher_sees_its_own_normalisation():
 
 
 # ==== BCP ====
-class IntensityClassifier(nn.Module):
-    """3 classes from the input value v: logits (0, 12·v, 12·(1−v)) — v = 1 gives class 1 and
-    v = 0 class 2, both confident. Records its inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(()))
-        self.inputs = []
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        value = x[:, :1]
-        return torch.cat([torch.zeros_like(value), 12 * value, 12 * (1 - value)], 1) + self.offset
-
-
-class Recorder:
-    """A loss that records its arguments and returns 1, 2, 3 … on successive calls."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, logits, target, ignore=None, **options):
-        self.calls.append({"logits": logits, "target": target, "ignore": ignore, **options})
-        return logits.sum() * 0 + len(self.calls)
-
-
 def bcp_batches(n=4, size=16):
     batch_x = {"image": torch.ones(n, 1, size, size),
                "mask": torch.arange(10, 10 + n).view(n, 1, 1).expand(n, size, size).clone(),
@@ -253,14 +227,6 @@ def test_edge_targets_against_a_pixel_loop():
 
 
 # ==== a smoke run of each mode, read back by test.py ====
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    from conftest import ROOT
-    monkeypatch.chdir(tmp_path)
-    os.symlink(ROOT / "configs", tmp_path / "configs")
-    return tmp_path
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "co_training"], "mode: unknown 'co_training'"),
     (["--mode", "bcp", "--batch_size", "3", "--pretrain_epochs", "1"], "batch_size: BCP pairs"),

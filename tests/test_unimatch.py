@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn as nn
+from conftest import IntensityClassifier, Recorder
 
 from train_unimatch import unimatch_step
 from utils.losses import build_stream_loss
@@ -44,27 +44,6 @@ def test_paste_images_and_maps():
     assert torch.equal(paste(torch.zeros(1, 4, 4), torch.ones(1, 4, 4), boxes)[0], boxes[0].float())
 
 
-class IntensityClassifier(nn.Module):
-    """3 classes from the input value v: logits (0, 12·v, 12·(1−v)) + a trainable 0-offset.
-    v = 1 → class 1 (confident), v = 0 → class 2 (confident), v = 0.5 → a 50/50 tie."""
-
-    def __init__(self):
-        super().__init__()
-        self.offset = nn.Parameter(torch.zeros(()))
-        self.decoded_batches = []
-
-    def encode(self, x):
-        return [x]
-
-    def decode(self, features, size):
-        value = features[0][:, :1]
-        self.decoded_batches.append(features[0].detach().clone())
-        return torch.cat([torch.zeros_like(value), 12 * value, 12 * (1 - value)], 1) + self.offset
-
-    def forward(self, x):
-        return self.decode(self.encode(x), x.shape[-2:])
-
-
 def make_cfg(**changes):
     cfg = dict(cutmix_p=1.0, cutmix_area=[0.1, 0.3], cutmix_aspect=[0.5, 2.0], conf_thresh=0.95,
                fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5)
@@ -82,24 +61,17 @@ def make_batches(u_value=1.0, mix_value=0.0, n=3, size=16):
     return batch_x, batch_u, batch_mix
 
 
-class Recorder:
-    """A stream loss that records its arguments and returns a fixed value per call."""
-
-    def __init__(self, values=(1.0, 2.0, 4.0)):
-        self.calls, self.values = [], list(values)
-
-    def __call__(self, logits, target, ignore):
-        self.calls.append((logits, target, ignore))
-        return logits.sum() * 0 + self.values[len(self.calls) - 1]
-
-
 def test_pseudo_labels_inside_boxes_come_from_the_mix_batch():
     torch.manual_seed(0)
     model, stream = IntensityClassifier(), Recorder()
     batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0)
     unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(8.0), stream,
                   make_cfg())
-    (logits_s1, target_s1, ignore_s1), (_, target_s2, _), (_, target_fp, ignore_fp) = stream.calls
+    # the stream loss gets exactly (logits, target, ignore), no options
+    assert [set(call) for call in stream.calls] == [{"logits", "target", "ignore"}] * 3
+    target_s1, ignore_s1 = stream.calls[0]["target"], stream.calls[0]["ignore"]
+    target_s2 = stream.calls[1]["target"]
+    target_fp, ignore_fp = stream.calls[2]["target"], stream.calls[2]["ignore"]
     strong_inputs = model.decoded_batches[-1]                 # the [s1, s2] forward
     box1 = strong_inputs[:3, 0] == 0.0                        # pasted pixels carry the mix value 0
     assert box1.any() and (~box1).any()
@@ -117,7 +89,7 @@ def test_pixels_under_tau_are_ignored_and_get_no_gradient():
     stream = Recorder()
     unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(0.0), stream,
                   make_cfg())
-    (_, _, ignore_s1), _, (_, _, ignore_fp) = stream.calls
+    ignore_s1, ignore_fp = stream.calls[0]["ignore"], stream.calls[2]["ignore"]
     assert ignore_fp.all()                                     # nothing confident in u_w
     strong_inputs = model.decoded_batches[-1][:3, 0]
     assert torch.equal(ignore_s1, strong_inputs != 0.0)        # only the confident mix boxes count
@@ -165,7 +137,7 @@ def test_image_filter_drops_unconfident_slices():
     stream = Recorder()
     unimatch_step(IntensityClassifier(), batch_x, batch_u, batch_mix,
                   lambda *a, **k: torch.tensor(0.0), stream, make_cfg(image_filter=0.5))
-    ignore_fp = stream.calls[2][2]
+    ignore_fp = stream.calls[2]["ignore"]
     assert not ignore_fp[0].any() and ignore_fp[1].all()
 
 
