@@ -9,7 +9,7 @@ LAYERS = [
     ["utils.errors", "utils.files", "utils.config"],
     ["networks", "dataloaders"],
     ["utils.losses", "utils.metrics", "utils.inference", "utils.postprocess", "utils.mixing",
-     "utils.plots", "utils.checkpoint"],
+     "utils.plots", "utils.checkpoint", "utils.instances"],
     ["utils.distributed", "utils.runtime", "utils.builders", "utils.optim", "utils.teachers",
      "utils.engine"],
     ["train_supervised", "train_unimatch", "train_teacher_student", "test", "bench"],
