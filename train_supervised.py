@@ -12,7 +12,7 @@ an organ not annotated on this image" (utils/losses.py).
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import edge_term, forward_with_edges
 from utils.errors import run_cli
-from utils.losses import build_loss
+from utils.losses import build_loss, labeled_area_bounds
 from utils.training import (TrainingRun, autocast, build_network, build_optimisation,
                             epoch_loader, iterations_per_epoch, load_data, optimizer_step,
                             pick_device, seed_everything, setup)
@@ -30,7 +30,8 @@ def main(argv=None):
 
     # ==== model, loss, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
-    loss_fn = build_loss(cfg).to(device)
+    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train])
+    loss_fn = build_loss(cfg, area_bounds).to(device)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "supervised", model_name, model_kwargs,
