@@ -215,6 +215,8 @@ def test_class_area_report_flags_a_sink_and_a_missing_class():
     assert rows["liver"].endswith("SINK") and rows["spleen"].endswith("MISSING")
     assert "sinks (predicted > 3x true area): liver" in text.splitlines()[-1]
     assert text.splitlines()[-1].endswith("missing (< 0.1 of true area predicted): spleen")
+    assert metrics.format_area_flags(report) == ("sinks (predicted > 3x true area): 1; "
+                                                 "missing (< 0.1 of true area predicted): 2")
 
 
 def test_class_area_report_judges_a_class_only_where_it_was_annotated():

@@ -282,19 +282,24 @@ def area_summary(report):
 
 def format_area_report(report, class_names=None):
     """The report as text: one row per judged class (true or predicted), flags spelled out,
-    then one line naming the flagged classes (or saying there are none)."""
+    then the `format_area_flags` line."""
     names = _class_name_lookup(class_names)
     lines = [f"{'class':>5}  {'name':<20} {'predicted':>10} {'true':>10} {'ratio':>8}  flag"]
     for label in np.flatnonzero(~np.isnan(report["ratio"])):
         flag = "SINK" if report["sink"][label] else "MISSING" if report["missing"][label] else ""
         lines.append(f"{label:>5}  {names.get(int(label), '')[:20]:<20} {report['predicted'][label]:>10d} "
                      f"{report['true'][label]:>10d} {report['ratio'][label]:>8.2f}  {flag}".rstrip())
-    sinks = [names.get(int(c), str(c)) or str(c) for c in np.flatnonzero(report["sink"])]
-    missing = [names.get(int(c), str(c)) or str(c) for c in np.flatnonzero(report["missing"])]
-    lines.append(f"sinks (predicted > {report['sink_ratio']:g}x true area): {', '.join(sinks) or 'none'}; "
-                 f"missing (< {report['missing_fraction']:g} of true area predicted): "
-                 f"{', '.join(missing) or 'none'}")
+    lines.append(format_area_flags(report, class_names))
     return "\n".join(lines)
+
+
+def format_area_flags(report, class_names=None):
+    """One line naming the sink and missing classes of a `class_area_report` (or 'none')."""
+    names = _class_name_lookup(class_names)
+    sinks, missing = ([names.get(int(c)) or str(c) for c in np.flatnonzero(report[flag])]
+                      for flag in ("sink", "missing"))
+    return (f"sinks (predicted > {report['sink_ratio']:g}x true area): {', '.join(sinks) or 'none'}; "
+            f"missing (< {report['missing_fraction']:g} of true area predicted): {', '.join(missing) or 'none'}")
 
 
 def main(argv=None):
