@@ -283,8 +283,9 @@ def class_area_statistics(masks, annotated, num_classes):
     slice; a class present in a mask counts as annotated). Only slices where a class is
     present tell its area (elsewhere an unannotated organ reads 0, and an annotated but absent
     class says nothing about its size when present). Returns a dict of NumPy arrays:
-    `annotation_rate (C,)` (share of the slices on which the class is annotated), `areas` (list of C arrays: the class's area fraction of each such
-    slice) and `max_area (C,)` (0 for a class never seen). Background (0) is included.
+    `annotation_rate (C,)` (share of the slices on which the class is annotated), `areas` (list
+    of C arrays: the class's area fraction of each slice where it is present) and
+    `max_area (C,)` (0 for a class never seen). Background (0) is included.
     """
     masks = np.asarray(masks)
     if masks.ndim != 3 or len(masks) == 0:
