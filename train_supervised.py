@@ -16,7 +16,7 @@ from utils.builders import build_network, epoch_loader, iterations_per_epoch, lo
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
-from utils.losses import build_loss, edge_term
+from utils.losses import build_loss, edge_term, labeled_area_bounds
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
@@ -34,7 +34,8 @@ def train(cfg):
     # ==== model, loss, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
-    loss_fn = build_loss(cfg).to(device)
+    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train])
+    loss_fn = build_loss(cfg, area_bounds).to(device)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "supervised", model_name, model_kwargs,

@@ -2,13 +2,16 @@
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from utils.errors import InputError
 from utils.losses import (
-    IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, build_loss, build_stream_loss, cross_entropy,
-    dice_loss, exclusion_loss, marginal_cross_entropy, marginal_dice_loss, mse_consistency)
+    IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, area_constraint_loss, build_loss,
+    build_stream_loss, class_area_bounds, class_area_statistics, cross_entropy, dice_loss,
+    drop_oversized_pseudo_labels, exclusion_loss, labeled_area_bounds, marginal_cross_entropy,
+    marginal_dice_loss, mse_consistency)
 
 B, C, H, W = 2, 4, 5, 6
 
@@ -463,3 +466,107 @@ def test_stream_losses():
         pytest.approx(float(dice_loss(logits, target, ignore) + cross_entropy(logits, target, ignore)), rel=1e-12)
     with pytest.raises(InputError, match="stream loss"):
         build_stream_loss("tvmf_dice")
+
+
+# ----------------------------------------------------------------- area priors and the area constraint
+# Three 4×4 label maps (16 pixels), classes 0..3:
+#   mask 0: class 1 on 4 pixels (0.25), class 2 on 2 (0.125); class 2 annotated
+#   mask 1: class 1 on 8 pixels (0.5); class 2 not annotated
+#   mask 2: empty, class 3 annotated but absent
+AREA_MASKS = np.zeros((3, 4, 4), np.uint8)
+AREA_MASKS[0, 0, :] = 1
+AREA_MASKS[0, 1, :2] = 2
+AREA_MASKS[1, :2, :] = 1
+AREA_ANNOTATED = np.array([[True, True, True, False], [True, True, False, False],
+                           [True, False, False, True]])
+
+
+def test_area_statistics_of_a_hand_made_label_set():
+    stats = class_area_statistics(AREA_MASKS, AREA_ANNOTATED, 4)
+    assert stats["annotation_rate"] == pytest.approx([1, 2 / 3, 1 / 3, 1 / 3])
+    assert stats["areas"][1].tolist() == [0.25, 0.5] and stats["areas"][2].tolist() == [0.125]
+    assert stats["areas"][3].size == 0  # annotated but absent: says nothing about its size
+    assert stats["max_area"][1:] == pytest.approx([0.5, 0.125, 0])
+    # without the annotation list the classes present are the annotated ones
+    assert class_area_statistics(AREA_MASKS, None, 4)["annotation_rate"] == pytest.approx([1, 2 / 3, 1 / 3, 0])
+
+
+def test_area_bounds_are_a_quantile_times_a_margin():
+    assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=1.0, margin=1.5).tolist() == \
+        [1.0, 0.75, 0.1875, 0.0]
+    # median of (0.25, 0.5) = 0.375; a margin can never push a bound past the whole slice
+    assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=0.5, margin=1.0).tolist() == \
+        [1.0, 0.375, 0.125, 0.0]
+    assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=1.0, margin=4.0)[1] == 1.0
+    cfg = SimpleNamespace(num_classes=4, area_weight=0.0, area_quantile=1.0, area_margin=1.5)
+    assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED) is None
+    cfg.pseudo_area_filter = True
+    assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED).tolist() == [1.0, 0.75, 0.1875, 0.0]
+
+
+def area_loss_loop(logits, bounds, ignore=None):
+    """Reference: per image and class, the soft area from explicit per-pixel softmax."""
+    batch, classes, height, width = logits.shape
+    total = 0.0
+    for b in range(batch):
+        for c in range(classes):
+            area = 0.0
+            for y in range(height):
+                for x in range(width):
+                    if ignore is not None and ignore[b, y, x]:
+                        continue
+                    exps = [math.exp(logits[b, k, y, x].item()) for k in range(classes)]
+                    area += exps[c] / sum(exps)
+            total += max(0.0, area / (height * width) - bounds[c].item()) ** 2
+    return total / batch
+
+
+def test_area_constraint_by_hand_and_against_a_loop():
+    # uniform logits: every class takes 1/4 of each slice; only class 1 (bound 0.1) exceeds, by 0.15
+    bounds = torch.tensor([1.0, 0.1, 0.25, 0.3])
+    uniform = torch.zeros(2, 4, 3, 4, dtype=torch.float64)
+    assert area_constraint_loss(uniform, bounds).item() == pytest.approx(0.15 ** 2)
+    half_ignored = torch.zeros(2, 3, 4, dtype=torch.bool)
+    half_ignored[:, :, :2] = True  # area 1/8 of the slice: excess 0.025
+    assert area_constraint_loss(uniform, bounds, half_ignored).item() == pytest.approx(0.025 ** 2)
+    logits, _, ignore, _ = random_batch(3)
+    loose = torch.tensor([1.0, 0.2, 0.05, 0.3])
+    assert area_constraint_loss(logits, loose, ignore).item() == pytest.approx(area_loss_loop(logits, loose, ignore))
+    # within every bound: no loss and no gradient
+    logits.requires_grad_(True)
+    area_constraint_loss(logits, torch.ones(C)).backward()
+    assert area_constraint_loss(logits, torch.ones(C)).item() == 0 and not logits.grad.any()
+    with pytest.raises(ValueError, match="bounds must be"):
+        area_constraint_loss(logits, torch.ones(C + 1))
+
+
+def test_area_term_in_the_supervised_and_stream_losses():
+    logits, target, ignore, annotated = random_batch(4)
+    bounds = torch.tensor([1.0, 0.2, 0.05, 0.3])
+    cfg = SimpleNamespace(loss="dice", partial_labels=True, area_weight=3.0)
+    loss = build_loss(cfg, bounds)
+    terms = loss.terms(logits, target, ignore, annotated)
+    assert terms["area"].item() == pytest.approx(3.0 * area_loss_loop(logits, bounds, ignore))
+    assert torch.equal(loss.state_dict()["area_bounds"], bounds)  # the checkpoint keeps the bounds
+    assert "area" not in build_loss(SimpleNamespace(loss="dice")).terms(logits, target, ignore, annotated)
+    assert "area_bounds" not in build_loss(SimpleNamespace(loss="dice")).state_dict()
+    with pytest.raises(ValueError, match="area_bounds"):
+        build_loss(cfg)
+    stream = build_stream_loss("ce", cfg, bounds)(logits, target, ignore)
+    assert stream.item() == pytest.approx(cross_entropy(logits, target, ignore).item()
+                                          + 3.0 * area_loss_loop(logits, bounds))
+
+
+def test_oversized_pseudo_labels_are_ignored():
+    # image 0: class 1 on 3 of 8 pixels (0.375 > bound 0.25) → ignored; class 2 on 1/8 ≤ 0.5 → kept
+    # image 1: class 1 on 2 of 8 pixels (0.25, not above the bound) → kept
+    labels = torch.tensor([[[1, 1, 1, 0], [0, 2, IGNORE_INDEX, 0]],
+                           [[1, 1, 0, 0], [0, 0, 0, 0]]])
+    before = labels.clone()
+    cleaned = drop_oversized_pseudo_labels(labels, torch.tensor([1.0, 0.25, 0.5]))
+    X = IGNORE_INDEX
+    assert cleaned.tolist() == [[[X, X, X, 0], [0, 2, X, 0]], [[1, 1, 0, 0], [0, 0, 0, 0]]]
+    assert torch.equal(labels, before)
+    # background above its bound is ignored too: bound 0.5 for class 0, image 1 has 6/8 zeros
+    strict = drop_oversized_pseudo_labels(labels, torch.tensor([0.5, 1.0, 1.0]))
+    assert strict[1].tolist() == [[1, 1, X, X], [X, X, X, X]] and strict[0].tolist() == labels[0].tolist()

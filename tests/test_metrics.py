@@ -1,5 +1,6 @@
 """Challenge metrics (utils/metrics.py) against hand-computed values and slow reference definitions."""
 import itertools
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -219,3 +220,69 @@ def test_score_predictions_with_annotated_classes_by_hand():
     unrestricted = metrics.score_predictions(truth, predictions, 4)
     assert unrestricted["dice"] == pytest.approx(0.5)
     assert unrestricted["per_class_dice"][3] == 0.0
+
+
+# ---------------------------------------------------------------- predicted vs true area per class
+# Two 2×5 images (10 pixels each), classes 0..3, counted by hand:
+#   class 1: true 2 (image 0), predicted 7 (image 0) → ratio 7/2 = 3.5 > 3 → sink
+#   class 2: true 4 (image 1), predicted 0            → ratio 0, 0 < 0.1·4 → missing
+#   class 3: neither true nor predicted               → NaN, not judged
+AREA_TRUTH = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]],
+                       [[2, 2, 2, 2, 0], [0, 0, 0, 0, 0]]])
+AREA_PRED = np.array([[[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+                      [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]])
+
+
+def test_class_area_report_flags_a_sink_and_a_missing_class():
+    report = metrics.class_area_report(AREA_TRUTH, AREA_PRED, 4)
+    assert report["predicted"].tolist() == [13, 7, 0, 0]
+    assert report["true"].tolist() == [14, 2, 4, 0]
+    assert np.isnan(report["ratio"][0]) and np.isnan(report["ratio"][3])
+    assert report["ratio"][1] == pytest.approx(3.5) and report["ratio"][2] == 0
+    assert report["sink"].tolist() == [False, True, False, False]
+    assert report["missing"].tolist() == [False, False, True, False]
+    assert metrics.area_summary(report) == {"worst_area_ratio": 3.5, "sink_classes": 1,
+                                            "missing_classes": 1}
+    text = metrics.format_area_report(report, {1: "liver", 2: "spleen"})
+    rows = {line.split()[1]: line for line in text.splitlines()[1:-1]}
+    assert set(rows) == {"liver", "spleen"}
+    assert rows["liver"].endswith("SINK") and rows["spleen"].endswith("MISSING")
+    assert "sinks (predicted > 3x true area): liver" in text.splitlines()[-1]
+    assert text.splitlines()[-1].endswith("missing (< 0.1 of true area predicted): spleen")
+    assert metrics.format_area_flags(report) == ("sinks (predicted > 3x true area): 1; "
+                                                 "missing (< 0.1 of true area predicted): 2")
+
+
+def test_class_area_report_judges_a_class_only_where_it_was_annotated():
+    # class 1 annotated only on image 1 (neither true nor predicted there): no longer judged;
+    # class 2 annotated on both images: still missing.
+    annotated = np.array([[True, False, True, False], [True, True, True, False]])
+    report = metrics.class_area_report(AREA_TRUTH, AREA_PRED, 4, annotated)
+    assert report["predicted"][1:].tolist() == [0, 0, 0] and report["true"][1:].tolist() == [0, 4, 0]
+    assert report["judged_pixels"][1:].tolist() == [10, 20, 0]
+    assert np.isnan(report["ratio"][1]) and not report["sink"].any()
+    assert report["missing"].tolist() == [False, False, True, False]
+    nothing_judged = metrics.area_summary(metrics.class_area_report(AREA_TRUTH, AREA_PRED, 4,
+                                                                    np.zeros((2, 4), bool)))
+    assert math.isnan(nothing_judged.pop("worst_area_ratio"))
+    assert nothing_judged == {"sink_classes": 0, "missing_classes": 0}
+
+
+def test_class_area_ratio_has_a_floor_for_tiny_true_areas():
+    # class 3 never true; the floor is min_area_fraction × judged pixels = 0.1 × 20 = 2 pixels
+    truth = np.zeros((2, 2, 5), int)
+    one_pixel, seven_pixels = truth.copy(), truth.copy()
+    one_pixel[0, 0, 0] = 3
+    seven_pixels.reshape(-1)[:7] = 3
+    few = metrics.class_area_report(truth, one_pixel, 4, min_area_fraction=0.1)
+    many = metrics.class_area_report(truth, seven_pixels, 4, min_area_fraction=0.1)
+    assert few["ratio"][3] == pytest.approx(1 / 2) and not few["sink"][3]
+    assert many["ratio"][3] == pytest.approx(7 / 2) and many["sink"][3]
+    assert not few["missing"].any() and not many["missing"].any()
+
+
+def test_class_area_report_rejects_bad_input():
+    with pytest.raises(ValueError, match="labels must be in"):
+        metrics.class_area_report(AREA_TRUTH, AREA_PRED, 2)
+    with pytest.raises(ValueError, match="annotated must be"):
+        metrics.class_area_report(AREA_TRUTH, AREA_PRED, 4, np.ones((2, 3), bool))

@@ -1,7 +1,7 @@
 # Naming across the repo (UniMatch's grammar): img_x / mask_x = labeled image and its mask;
 # img_u_w = weakly augmented unlabeled image; img_u_s1 / img_u_s2 = its two strong views;
 # conf_u_w = confidence (max softmax probability) of the prediction on img_u_w.
-"""Segmentation losses shared by every training script (SPEC §6).
+"""Segmentation losses shared by every training script (README, Losses and partial labels).
 
 Conventions for every loss here:
 - `logits`  float `[B, C, H, W]` (float16/bfloat16 are upcast: every loss is computed in float32, or
@@ -17,6 +17,7 @@ CE, Dice, marginal, exclusion and MSE losses give 0; t-vMF gives its constant fo
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -274,6 +275,87 @@ def exclusion_loss(logits, target, annotated=None, ignore=None, smooth=1e-5):
     return torch.where(scored_pairs, overlap, 0).sum() / scored_pairs.sum().clamp(min=1)
 
 
+# ---------------------------------------------------------------- area priors (Kervadec et al. 2019)
+def class_area_statistics(masks, annotated, num_classes):
+    """Per-class area statistics of a labeled set, the prior of the area constraint.
+
+    masks `(N, H, W)` ints (partial labels), annotated `(N, C)` bool (classes annotated on each
+    slice; a class present in a mask counts as annotated). Only slices where a class is
+    present tell its area (elsewhere an unannotated organ reads 0, and an annotated but absent
+    class says nothing about its size when present). Returns a dict of NumPy arrays:
+    `annotation_rate (C,)` (share of the slices on which the class is annotated), `areas` (list
+    of C arrays: the class's area fraction of each slice where it is present) and
+    `max_area (C,)` (0 for a class never seen). Background (0) is included.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or len(masks) == 0:
+        raise ValueError(f"masks must be (N, H, W) with N > 0, got {masks.shape}")
+    counts = np.stack([np.bincount(m.ravel(), minlength=num_classes)[:num_classes] for m in masks])
+    fractions = counts / float(masks.shape[1] * masks.shape[2])
+    present = counts > 0
+    annotated = present if annotated is None else np.asarray(annotated, bool) | present
+    areas = [fractions[present[:, c], c] for c in range(num_classes)]
+    return {"annotation_rate": annotated.mean(axis=0), "areas": areas,
+            "max_area": np.array([a.max() if a.size else 0.0 for a in areas])}
+
+
+def class_area_bounds(masks, annotated, num_classes, quantile=0.95, margin=1.5):
+    """Per-class upper bound of the predicted area on one slice, as a fraction of the slice.
+
+    From `class_area_statistics`: the `quantile` of the class's annotated areas times `margin`
+    (augmentation rescales areas by up to 1.2² = 1.44), capped at 1. A class never annotated in
+    the labeled set gets bound 0: nothing in the labels supports predicting it anywhere.
+    Background gets 1 (no bound). Returns a float32 tensor `(C,)`.
+    """
+    stats = class_area_statistics(masks, annotated, num_classes)
+    bounds = np.array([np.quantile(a, quantile) * margin if a.size else 0.0 for a in stats["areas"]])
+    bounds[0] = 1.0
+    return torch.from_numpy(np.minimum(bounds, 1.0)).float()
+
+
+def area_constraint_loss(logits, bounds, ignore=None):
+    """Area constraint (Kervadec et al., "Constrained-CNN losses for weakly supervised
+    segmentation", Medical Image Analysis 2019), upper bounds only.
+
+    Soft area a_bc = Σ_valid softmax_c / (H·W), the fraction of slice b that class c takes;
+    penalty = mean over images of Σ_c max(0, a_bc − u_c)², u = `bounds (C,)` fractions. It only
+    acts on a class predicted on more of a slice than its annotations ever show, whatever the
+    labels of the pixels, so it also reaches the unannotated tissue that marginal losses let
+    any unannotated class absorb. logits [B,C,H,W], ignore bool [B,H,W] (True = excluded).
+    Returns a scalar ≥ 0.
+    """
+    logits = _as_float(logits)
+    if bounds.shape != (logits.shape[1],):
+        raise ValueError(f"bounds must be (C,) = ({logits.shape[1]},), got {tuple(bounds.shape)}")
+    probs = logits.softmax(1)
+    if ignore is not None:
+        probs = probs * (~ignore.bool()).unsqueeze(1).to(probs.dtype)
+    area = probs.sum((2, 3)) / (logits.shape[2] * logits.shape[3])
+    excess = (area - bounds.to(area)).clamp(min=0)
+    return (excess * excess).sum(1).mean()
+
+
+def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
+    """Pseudo-label hygiene: a class that covers more of a slice than `bounds` allows is not
+    taught there — its pixels become `ignore_index`.
+
+    labels `[B,H,W]` ints (pseudo-labels; `ignore_index` pixels stay ignored), bounds `(C,)`
+    area fractions (`class_area_bounds`). The area of class c on slice b is its share of the
+    H·W pixels. Returns a new tensor; the input is not modified.
+    """
+    num_classes = bounds.shape[0]
+    flat = labels.flatten(1).long()
+    valid = flat != ignore_index
+    counts = torch.zeros(flat.shape[0], num_classes + 1, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, torch.where(valid, flat, num_classes), torch.ones_like(flat))
+    area = counts[:, :num_classes].to(torch.float64) / flat.shape[1]
+    oversized = area > bounds.to(device=labels.device, dtype=torch.float64)  # [B, C]
+    oversized_pixel = torch.gather(
+        torch.cat([oversized, oversized.new_zeros(flat.shape[0], 1)], 1), 1,
+        torch.where(valid, flat, num_classes))
+    return torch.where(oversized_pixel.view_as(labels), torch.full_like(labels, ignore_index), labels)
+
+
 # ---------------------------------------------------------------- composite built from the config
 LOSS_NAMES = ("dice", "tvmf_dice", "ce", "dice_ce", "marginal_ce", "marginal_dice", "marginal_dice_ce")
 STREAM_LOSS_NAMES = ("dice", "ce", "dice_ce")
@@ -284,7 +366,10 @@ class SupervisedLoss(nn.Module):
 
     Terms by loss name: dice → dice; ce → ce; dice_ce → dice + ce; tvmf_dice → tvmf_dice;
     marginal_* → the marginal versions, plus `exclusion_weight` × exclusion when that weight is > 0.
-    With partial labels, marginal losses alone never force the model to choose background (SPEC §6:
+    With `area_weight` > 0 and `area_bounds (C,)` (`class_area_bounds` of the labeled set),
+    `area_weight` × `area_constraint_loss` is added: no class may take more of a slice than its
+    annotations ever show (README, Losses and partial labels).
+    With partial labels, marginal losses alone never force the model to choose background (README:
     it put an organ on every pixel), so whenever `certain_background` pixels are given and
     `background_ce_weight` > 0, `background_ce_weight` × plain CE toward class 0 on those pixels only
     is added, whatever the loss name.
@@ -294,8 +379,12 @@ class SupervisedLoss(nn.Module):
     """
 
     def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
-                 exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0):
+                 exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0,
+                 area_weight=0.0, area_bounds=None):
         super().__init__()
+        self.area_weight = area_weight
+        # a buffer, so checkpoints keep the bounds the run trained with; None (not saved) when off
+        self.register_buffer("area_bounds", area_bounds if area_weight > 0 else None)
         self.name = name
         self.marginal = marginal
         self.dice_options = dict(dice_options or {})
@@ -303,6 +392,12 @@ class SupervisedLoss(nn.Module):
         self.background_ce_weight = background_ce_weight
         self.zero_ce_weight = zero_ce_weight
         self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
+
+    def area_term(self, logits, ignore=None):
+        """{"area": weighted `area_constraint_loss`} when the area constraint is on, else {}."""
+        if self.area_bounds is None:
+            return {}
+        return {"area": self.area_weight * area_constraint_loss(logits, self.area_bounds, ignore)}
 
     def update_kappa(self, dice_per_class):
         """Forward validation Dice to the t-vMF κ (see `TvMFDiceLoss.update_kappa`); no-op otherwise."""
@@ -332,10 +427,11 @@ class SupervisedLoss(nn.Module):
             background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
             terms["background_ce"] = self.background_ce_weight * cross_entropy(logits, background, excluded)
         if self.marginal and self.zero_ce_weight > 0:
-            # a weak prior that a 0-pixel is background, against the SPEC §6 trap inside the body
+            # a weak prior that a 0-pixel is background, against the marginal-loss trap inside the body
             not_zero = target != 0 if ignore is None else ignore.bool() | (target != 0)
             terms["zero_ce"] = self.zero_ce_weight * cross_entropy(logits, torch.zeros_like(target),
                                                                    not_zero)
+        terms.update(self.area_term(logits, ignore))
         return terms
 
     def forward(self, logits, target, ignore=None, annotated=None, certain_background=None):
@@ -352,7 +448,18 @@ def _dice_options(cfg):
             "smooth": float(getattr(cfg, "dice_smooth", 1e-5))}
 
 
-def build_loss(cfg):
+def labeled_area_bounds(cfg, masks, annotated):
+    """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
+    config's `area_quantile` (0.95) and `area_margin` (1.5); None when neither the area
+    constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
+    if float(getattr(cfg, "area_weight", 0.0)) <= 0 and not getattr(cfg, "pseudo_area_filter", False):
+        return None
+    return class_area_bounds(masks, annotated, cfg.num_classes,
+                             float(getattr(cfg, "area_quantile", 0.95)),
+                             float(getattr(cfg, "area_margin", 1.5)))
+
+
+def build_loss(cfg, area_bounds=None):
     """The `SupervisedLoss` a config asks for; attributes are read with getattr defaults, so any
     object (a `types.SimpleNamespace`) works.
 
@@ -361,7 +468,8 @@ def build_loss(cfg):
     tvmf_dice over unannotated classes), dice_squared (False), dice_include_background (False),
     dice_smooth (1e-5), tvmf_lambda (32.0), exclusion_weight (0.0), background_ce_weight (1.0),
     zero_ce_weight (0.0: with marginal losses, that weight × plain CE toward background on every
-    0-pixel).
+    0-pixel), area_weight (0.0: weight of the area constraint, which needs `area_bounds (C,)`,
+    from `labeled_area_bounds`).
     """
     name = getattr(cfg, "loss", "dice_ce")
     if name not in LOSS_NAMES:
@@ -369,29 +477,37 @@ def build_loss(cfg):
     marginal = name.startswith("marginal_") or bool(getattr(cfg, "partial_labels", False))
     base_name = name.removeprefix("marginal_")
     num_classes = getattr(cfg, "num_classes", None)
+    area_weight = float(getattr(cfg, "area_weight", 0.0))
+    if area_weight > 0 and area_bounds is None:
+        raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
     if name == "tvmf_dice" and num_classes is None:
         raise InputError("num_classes: required by loss tvmf_dice")
     return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
                           tvmf_lambda=float(getattr(cfg, "tvmf_lambda", 32.0)),
                           exclusion_weight=float(getattr(cfg, "exclusion_weight", 0.0)),
                           background_ce_weight=float(getattr(cfg, "background_ce_weight", 1.0)),
-                          zero_ce_weight=float(getattr(cfg, "zero_ce_weight", 0.0)))
+                          zero_ce_weight=float(getattr(cfg, "zero_ce_weight", 0.0)),
+                          area_weight=area_weight, area_bounds=area_bounds)
 
 
-def build_stream_loss(name, cfg=None):
+def build_stream_loss(name, cfg=None, area_bounds=None):
     """Loss of an unlabeled stream (UniMatch s1/s2/FP, teacher pseudo-labels) against pseudo-labels.
 
     name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'); Dice options come from `cfg` as in
     `build_loss` (defaults without it). Returns a callable (logits [B,C,H,W], pseudo-labels int
     [B,H,W], ignore bool [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete
-    labels, so no marginalisation here.
+    labels, so no marginalisation here. With `area_bounds (C,)` and `cfg.area_weight` > 0 the
+    area constraint is added on the stream's predictions too (all pixels: it needs no label).
     """
     if name not in STREAM_LOSS_NAMES:
         raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
     dice_options = _dice_options(cfg)
+    area_weight = float(getattr(cfg, "area_weight", 0.0))
 
     def stream_loss(logits, target, ignore=None):
         total = 0
+        if area_bounds is not None and area_weight > 0:
+            total = total + area_weight * area_constraint_loss(logits, area_bounds)
         if name in ("dice", "dice_ce"):
             total = total + dice_loss(logits, target, ignore, **dice_options)
         if name in ("ce", "dice_ce"):

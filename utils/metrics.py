@@ -48,9 +48,7 @@ def dice_table(truth, pred, num_classes):
     pixels of the class over all images). Index 0 (background) is reported with dice NaN.
     """
     truth, pred = _as_image_rows(truth, pred)
-    for name, labels in (("truth", truth), ("pred", pred)):
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"{name} labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    _check_class_range(truth, pred, num_classes)
     both, in_truth, in_pred = (np.stack(column) for column in zip(*_map_tables(
         truth, pred, num_classes, num_classes,
         lambda table: (np.diagonal(table), table.sum(axis=1), table.sum(axis=0)))))  # each (N, C)
@@ -72,16 +70,26 @@ def format_dice_table(table, class_names=None):
 
     class_names: optional {class id: name} (int or str keys) or a list indexed by class id.
     """
-    if isinstance(class_names, dict):
-        names = {int(label): str(name) for label, name in class_names.items()}
-    else:
-        names = dict(enumerate(map(str, class_names or [])))
+    names = _class_name_lookup(class_names)
     lines = [f"{'class':>5}  {'name':<20} {'dice':>7} {'images':>7} {'pixels':>12}"]
     for label in np.flatnonzero(~np.isnan(table["dice"])):
         name = names.get(int(label), "")
         lines.append(f"{label:>5}  {name[:20]:<20} {table['dice'][label]:>7.4f} "
                      f"{table['images_present'][label]:>7d} {table['pixels'][label]:>12d}")
     return "\n".join(lines)
+
+
+def _check_class_range(truth, pred, num_classes):
+    for name, labels in (("truth", truth), ("pred", pred)):
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"{name} labels must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+
+
+def _class_name_lookup(class_names):
+    """{class id: name} from a dict (int or str keys), a list indexed by class id, or None."""
+    if isinstance(class_names, dict):
+        return {int(label): str(name) for label, name in class_names.items()}
+    return dict(enumerate(map(str, class_names or [])))
 
 
 def _mean_ignoring_nan(values):
@@ -213,6 +221,85 @@ def score_predictions(truth, predictions, num_classes, annotated=None):
     return {"dice": float(dice), "rand": float(rand_index(truth, scored)),
             "fg_pred": float((predictions > 0).mean()), "fg_true": float((truth > 0).mean()),
             "per_class_dice": per_class}
+
+
+
+# ---------------------------------------------------------------- predicted vs true area per class
+
+SINK_RATIO = 3.0              # predicted on more than this many times its true area = a sink
+MISSING_FRACTION = 0.1        # present, but predicted on less than this share of its true area
+MIN_AREA_FRACTION = 1e-4      # area floor of the ratio, as a share of the judged pixels
+
+
+def class_area_report(truth, predictions, num_classes, annotated=None, sink_ratio=SINK_RATIO,
+                      missing_fraction=MISSING_FRACTION, min_area_fraction=MIN_AREA_FRACTION):
+    """Per class, predicted vs true pixel counts and the two failures of partial labels.
+
+    truth, predictions: `(N, H, W)` ints in [0, num_classes); annotated: optional `(N, C)` bool.
+    With `annotated` (partially labelled slices) class c is judged only on the slices where it
+    was annotated: elsewhere its truth is unknown (an unannotated organ reads 0), so neither its
+    true nor its predicted pixels there say anything. Returns a dict of `(C,)` arrays:
+    - `predicted`, `true` (int64): pixel counts of the class over its judged slices;
+    - `judged_pixels` (int64): pixels of those slices;
+    - `ratio` (float64): predicted / max(true, floor), floor = `min_area_fraction` × judged
+      pixels, so a class with a tiny or empty true area gets a finite ratio that only grows
+      large when the class is predicted on a visible share of the slices; NaN when the class
+      is neither true nor predicted (and for background);
+    - `sink` (bool): ratio > `sink_ratio` — the class swallows tissue that is not its own;
+    - `missing` (bool): true > 0 but predicted < `missing_fraction` × true — the class is
+      (almost) never predicted;
+    plus the two thresholds `sink_ratio` and `missing_fraction` (floats). Background (index 0) is never flagged.
+    """
+    truth, predictions = _as_image_rows(truth, predictions)
+    _check_class_range(truth, predictions, num_classes)
+    judged = np.ones((truth.shape[0], num_classes), bool) if annotated is None else np.asarray(annotated, bool)
+    if judged.shape != (truth.shape[0], num_classes):
+        raise ValueError(f"annotated must be (N, C) = {(truth.shape[0], num_classes)}, got {judged.shape}")
+    true_counts = np.stack([np.bincount(row, minlength=num_classes)[:num_classes] for row in truth])
+    pred_counts = np.stack([np.bincount(row, minlength=num_classes)[:num_classes] for row in predictions])
+    true = np.where(judged, true_counts, 0).sum(axis=0)
+    predicted = np.where(judged, pred_counts, 0).sum(axis=0)
+    judged_pixels = judged.sum(axis=0) * truth.shape[1]
+    floor = np.maximum(min_area_fraction * judged_pixels, 1.0)
+    ratio = np.where((true > 0) | (predicted > 0), predicted / np.maximum(true, floor), np.nan)
+    ratio[0] = np.nan
+    with np.errstate(invalid="ignore"):
+        sink = ratio > sink_ratio
+    missing = (true > 0) & (predicted < missing_fraction * true)
+    missing[0] = False
+    return {"predicted": predicted, "true": true, "judged_pixels": judged_pixels, "ratio": ratio,
+            "sink": sink, "missing": missing, "sink_ratio": sink_ratio,
+            "missing_fraction": missing_fraction}
+
+
+def area_summary(report):
+    """The log's scalars of a `class_area_report`: `worst_area_ratio` (largest ratio, NaN when
+    no class is judged), `sink_classes` and `missing_classes` (counts of flagged classes)."""
+    ratios = report["ratio"][~np.isnan(report["ratio"])]
+    return {"worst_area_ratio": float(ratios.max()) if ratios.size else float("nan"),
+            "sink_classes": int(report["sink"].sum()), "missing_classes": int(report["missing"].sum())}
+
+
+def format_area_report(report, class_names=None):
+    """The report as text: one row per judged class (true or predicted), flags spelled out,
+    then the `format_area_flags` line."""
+    names = _class_name_lookup(class_names)
+    lines = [f"{'class':>5}  {'name':<20} {'predicted':>10} {'true':>10} {'ratio':>8}  flag"]
+    for label in np.flatnonzero(~np.isnan(report["ratio"])):
+        flag = "SINK" if report["sink"][label] else "MISSING" if report["missing"][label] else ""
+        lines.append(f"{label:>5}  {names.get(int(label), '')[:20]:<20} {report['predicted'][label]:>10d} "
+                     f"{report['true'][label]:>10d} {report['ratio'][label]:>8.2f}  {flag}".rstrip())
+    lines.append(format_area_flags(report, class_names))
+    return "\n".join(lines)
+
+
+def format_area_flags(report, class_names=None):
+    """One line naming the sink and missing classes of a `class_area_report` (or 'none')."""
+    names = _class_name_lookup(class_names)
+    sinks, missing = ([names.get(int(c)) or str(c) for c in np.flatnonzero(report[flag])]
+                      for flag in ("sink", "missing"))
+    return (f"sinks (predicted > {report['sink_ratio']:g}x true area): {', '.join(sinks) or 'none'}; "
+            f"missing (< {report['missing_fraction']:g} of true area predicted): {', '.join(missing) or 'none'}")
 
 
 def main(argv=None):
