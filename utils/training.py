@@ -110,7 +110,8 @@ def load_data(cfg):
     """Data folder -> (ChallengeData, Split, normalisation). Prints the split once."""
     data = load_challenge(cfg.data, num_classes=cfg.num_classes)
     cfg.num_classes = data.num_classes
-    split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed)
+    split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed,
+                       folds=cfg.get("folds", 0), fold=cfg.get("fold", 0))
     norm = normalization_stats(np.asarray(data.train_images)[split.train])
     print(f"Data: {data.root} — {len(data.train_names)} training images "
           f"{data.image_size[1]}x{data.image_size[0]}, {data.num_classes} classes; "
@@ -146,6 +147,7 @@ def data_facts(cfg, data, split, norm):
             "img_size": cfg.img_size, "in_channels": cfg.in_channels,
             "image_size": list(data.image_size), "normalize": norm, "root": str(data.root),
             "split_seed": cfg.split_seed, "labeled_ratio": cfg.labeled_ratio,
+            "folds": split.folds, "fold": split.fold,
             "num_labeled": cfg.num_labeled, "partial_labels": cfg.partial_labels,
             "train_indices": split.train.tolist(), "val_indices": split.val.tolist()}
 
