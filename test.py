@@ -87,8 +87,6 @@ class Checkpoint:
     def __init__(self, path, weights_choice):
         self.path = path
         self.state = load_checkpoint(path, map_location="cpu")
-        if weights_choice not in ("", "teacher", "student"):
-            raise InputError(f"--weights: unknown '{weights_choice}' (choose teacher or student)")
         self.weights = weights_choice or ("teacher" if self.state.get("teacher") is not None
                                           else "student")
         model = model_from_checkpoint(self.state, "model" if self.weights == "student"
@@ -211,6 +209,8 @@ def main(argv=None):
         raise InputError(f"--tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
     if cfg.split not in SPLITS:
         raise InputError(f"--split: unknown '{cfg.split}' (choose {', '.join(SPLITS)})")
+    if cfg.weights not in ("", "teacher", "student"):
+        raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
 
     # ==== models and data, all from the checkpoints ====
     checkpoints = []
