@@ -159,15 +159,17 @@ def check_folds_partition(checkpoints):
                          "every labeled image must be validated by one checkpoint")
 
 
-def check_one_validation_split(checkpoints, splits, split_name):
-    """`--split val|train` with several checkpoints needs them all to share that split."""
-    if any(not np.array_equal(s.val, splits[0].val) for s in splits[1:]):
-        folds = sorted({c.fold for c in checkpoints if c.folds})
-        which = (f"folds {', '.join(map(str, folds))} of one --folds split"
-                 if len(folds) == len(checkpoints) else "different splits")
-        raise InputError(f"--split {split_name}: the checkpoints validate on different images "
-                         f"({which}), so one member's validation images trained another; use "
-                         "--split oof for the cross-validated score of K fold checkpoints")
+def mixed_validation(checkpoints, splits, split_name):
+    """Why `--split val|train` means nothing for these checkpoints (None when it does): several
+    checkpoints must share one split, else a member's validation images trained another."""
+    if all(np.array_equal(s.val, splits[0].val) for s in splits[1:]):
+        return None
+    folds = sorted({c.fold for c in checkpoints if c.folds})
+    which = (f"folds {', '.join(map(str, folds))} of one --folds split"
+             if len(folds) == len(checkpoints) else "different splits")
+    return (f"--split {split_name}: the checkpoints validate on different images ({which}), so "
+            "one member's validation images trained another; use --split oof for the "
+            "cross-validated score of K fold checkpoints")
 
 
 def summary_line(scores):
@@ -294,21 +296,21 @@ def main(argv=None):
         report(f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds)"
                f"{model_note}", truth, predictions, data, annotated)
     else:
-        if members:
-            splits = [c.split(data) for c in checkpoints]
-            check_one_validation_split(checkpoints, splits, cfg.split)
-            split = splits[0]
-            partial = partial_labels
+        splits = [c.split(data) for c in checkpoints] or [make_split(data, 0.8)]
+        mixed = mixed_validation(checkpoints, splits, cfg.split)
+        if mixed and "split" in cfg._overrides:
+            raise InputError(mixed)
+        if mixed:
+            print(f"note: {mixed}. Validation is skipped; the test images follow.")
         else:
-            split, partial = make_split(data, 0.8), True
-        indices = split.val if cfg.split == "val" else split.train
-        truth = np.asarray(data.train_masks[indices])
-        annotated = data.annotated[indices] if partial else None
-        predictions, member_labels = predict(members, data.train_images[indices], ensemble)
-        if ensemble:
-            report_members(checkpoints, member_labels, truth, data, annotated)
-        title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
-        report(title + model_note, truth, predictions, data, annotated, baseline=not members)
+            indices = splits[0].val if cfg.split == "val" else splits[0].train
+            truth = np.asarray(data.train_masks[indices])
+            annotated = data.annotated[indices] if partial_labels else None
+            predictions, member_labels = predict(members, data.train_images[indices], ensemble)
+            if ensemble:
+                report_members(checkpoints, member_labels, truth, data, annotated)
+            title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
+            report(title + model_note, truth, predictions, data, annotated, baseline=not members)
 
     # ==== test images: submission, and scores when labels exist ====
     summary = []

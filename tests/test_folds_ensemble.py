@@ -224,10 +224,16 @@ def test_oof_refuses_checkpoints_that_are_not_one_partition(tiny_phantom, two_fo
     assert "not a fold checkpoint" in one_line_error(capsys, base + [str(plain)])
 
 
-def test_val_with_several_folds_points_to_oof(two_folds, capsys):
-    error = one_line_error(capsys, ["--gpu", "-1", "--ckpt"] + [str(p) for p in two_folds])
+def test_val_with_several_folds_points_to_oof(two_folds, capsys, tmp_path):
+    ckpts = ["--ckpt"] + [str(p) for p in two_folds]
+    error = one_line_error(capsys, ["--gpu", "-1", "--split", "val"] + ckpts)
     assert "--split val: the checkpoints validate on different images" in error
     assert "use --split oof" in error
+    test_script.main(["--gpu", "-1"] + ckpts)          # the default split: a note, then the test
+    printed = capsys.readouterr().out
+    assert "note: --split val: the checkpoints validate on different images" in printed
+    assert "ensemble, test (6 slices, full labels)" in printed
+    assert (tmp_path / "ensemble_submission.csv").is_file()
 
 
 def test_members_must_agree_on_classes_and_label_mode(tiny_phantom, tmp_path, capsys):
