@@ -1,15 +1,27 @@
-"""Score a checkpoint and write the challenge submission.
+"""Score checkpoints and write the challenge submission (README: The loop; Cross-validation and
+ensembles).
 
     python test.py --ckpt best.pth                  # tries runs/latest/best.pth if ./best.pth is absent
     python test.py --ckpt runs/latest/best.pth --tta shift --postprocess true --save_png 8
+    python test.py --ckpt runs/fold*/best.pth --split oof   # K fold checkpoints: cross-validated score
+    python test.py --ckpt runs/fold*/best.pth --tta shift   # several checkpoints: their ensemble
     python test.py --baseline watershed --data data/phantom   # the challenge's classical baseline
 
-Everything about the model and its preprocessing comes from the checkpoint. The validation
+Everything about a model and its preprocessing comes from its checkpoint. The validation
 split is rebuilt from the checkpoint's config and scored with the challenge metrics; when the
 data folder has test images, their predictions are written as `submission.csv` next to the
 checkpoint (or `--out`) and read back to check it; when it also has test labels (the phantom's
 `y_test.csv`), the test predictions are scored too.
+
+Several `--ckpt` paths (or a shell glob) form an ensemble: the mean of the members' softmax,
+each member with its own image size, normalisation and the chosen TTA. Each member's score and
+the ensemble's are printed, and one submission (`ensemble_submission.csv` in the members'
+common folder, or `--out`) is written. `--split oof` takes the K checkpoints of one
+`--folds K` split and scores every labeled image with the model that validated on it.
 """
+import argparse
+import glob
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +32,23 @@ from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, load_config, read_yaml_chain
 from utils.errors import InputError, run_cli
-from utils.inference import TTA_MODES, predict_slices
+from utils.inference import TTA_MODES, Member, predict_ensemble
 from utils.metrics import dice_table, format_dice_table, rand_index, score_predictions
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
 from utils.runtime import pick_device
+
+SPLITS = ("val", "train", "test", "oof")
+
+
+def checkpoint_arguments(argv):
+    """Take `--ckpt A B C …` out of `argv` (the config's flags take one value each).
+
+    Returns (the paths or patterns given, or None; the other arguments)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--ckpt", nargs="+")
+    known, rest = parser.parse_known_args(argv)
+    return known.ckpt, rest
 
 
 def find_checkpoint(path):
@@ -39,70 +63,216 @@ def find_checkpoint(path):
     raise InputError(f"{path}: checkpoint not found (nor {fallback})")
 
 
+def find_checkpoints(patterns):
+    """The checkpoint files named by `patterns`; a pattern the shell left unexpanded (quoted,
+    or a shell without globbing) is expanded here."""
+    paths = []
+    for pattern in patterns:
+        if any(char in pattern for char in "*?[") and not Path(pattern).exists():
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise InputError(f"{pattern}: no checkpoint matches")
+            paths += [Path(match) for match in matches]
+        else:
+            paths.append(find_checkpoint(pattern))
+    for i, path in enumerate(paths):
+        if path.resolve() in [p.resolve() for p in paths[:i]]:
+            raise InputError(f"{path}: given twice in --ckpt")
+    return paths
+
+
+class Checkpoint:
+    """One `--ckpt` file: its state, its network (on the host) and what it was trained on."""
+
+    def __init__(self, path, weights_choice):
+        self.path = path
+        self.state = load_checkpoint(path, map_location="cpu")
+        self.weights = weights_choice or ("teacher" if self.state.get("teacher") is not None
+                                          else "student")
+        model = model_from_checkpoint(self.state, "model" if self.weights == "student"
+                                      else self.weights, path)
+        self.config, self.facts = self.state["config"], self.state["data"]
+        self.member = Member(model, self.facts["img_size"], self.facts["normalize"])
+        self.folds, self.fold = self.config.get("folds", 0), self.config.get("fold", 0)
+        self.label_mode = self.config.get("label_mode", "class")
+
+    def describe(self):
+        fold = f", fold {self.fold} of {self.folds}" if self.folds else ""
+        return (f"Checkpoint {self.path}: {self.state['model_name']} {self.state['model_kwargs']}, "
+                f"{self.weights} weights, epoch {self.state['epoch'] + 1}, trained by "
+                f"{self.state['method']}{fold}")
+
+    def split(self, data):
+        """The split this checkpoint was trained with, rebuilt from its config."""
+        split = make_split(data, self.config["labeled_ratio"], self.config["num_labeled"],
+                           self.config["split_seed"], folds=self.folds, fold=self.fold)
+        if split.val.tolist() != self.facts["val_indices"]:
+            print(f"warning: the rebuilt validation split of {self.path} differs from the one "
+                  "in the checkpoint (has the data changed?)")
+        return split
+
+
+def check_members_agree(checkpoints):
+    """Ensemble members must predict the same classes in the same label mode."""
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.facts["num_classes"] != first.facts["num_classes"]:
+            raise InputError(f"{other.path}: {other.facts['num_classes']} classes, {first.path} "
+                             f"has {first.facts['num_classes']}; ensemble members must predict "
+                             "the same classes")
+        names, first_names = other.facts.get("class_names", {}), first.facts.get("class_names", {})
+        if names != first_names:
+            differing = sorted(set(names.items()) ^ set(first_names.items()))[0][0]
+            raise InputError(f"{other.path}: class {differing} is "
+                             f"'{names.get(differing, '(none)')}', in {first.path} "
+                             f"'{first_names.get(differing, '(none)')}'; ensemble members must "
+                             "name their classes alike")
+        if other.label_mode != first.label_mode:
+            raise InputError(f"{other.path}: label_mode {other.label_mode}, {first.path} has "
+                             f"{first.label_mode}; ensemble members must share the label mode")
+
+
+def check_folds_partition(checkpoints):
+    """`--split oof`: the checkpoints must be the K folds of one split, each fold once."""
+    first = checkpoints[0]
+    for checkpoint in checkpoints:
+        if checkpoint.folds < 2:
+            raise InputError(f"{checkpoint.path}: not a fold checkpoint (trained without "
+                             "--folds K); --split oof needs the K checkpoints of one --folds K "
+                             "split")
+        for what, value in (("--folds", lambda c: c.folds),
+                            ("split_seed", lambda c: c.config["split_seed"]),
+                            ("data folder", lambda c: c.facts["root"])):
+            if value(checkpoint) != value(first):
+                raise InputError(f"{checkpoint.path}: {what} {value(checkpoint)}, {first.path} "
+                                 f"has {value(first)}; --split oof needs the folds of one split")
+    by_fold = {}
+    for checkpoint in checkpoints:
+        if checkpoint.fold in by_fold:
+            raise InputError(f"--split oof: {by_fold[checkpoint.fold].path} and {checkpoint.path} "
+                             f"both validate fold {checkpoint.fold}")
+        by_fold[checkpoint.fold] = checkpoint
+    missing = sorted(set(range(first.folds)) - set(by_fold))
+    if missing:
+        raise InputError(f"--split oof: fold {', '.join(map(str, missing))} of --folds "
+                         f"{first.folds} missing (given: {', '.join(map(str, sorted(by_fold)))}); "
+                         "every labeled image must be validated by one checkpoint")
+
+
+def mixed_validation(checkpoints, splits, split_name):
+    """Why `--split val|train` means nothing for these checkpoints (None when it does): several
+    checkpoints must share one split, else a member's validation images trained another."""
+    if all(np.array_equal(s.val, splits[0].val) for s in splits[1:]):
+        return None
+    folds = sorted({c.fold for c in checkpoints if c.folds})
+    which = (f"folds {', '.join(map(str, folds))} of one --folds split"
+             if len(folds) == len(checkpoints) else "different splits")
+    return (f"--split {split_name}: the checkpoints validate on different images ({which}), so "
+            "one member's validation images trained another; use --split oof for the "
+            "cross-validated score of K fold checkpoints")
+
+
+def summary_line(scores):
+    return (f"per-class Dice {scores['dice']:.4f} | Rand index {scores['rand']:.4f} | "
+            f"foreground predicted {scores['fg_pred']:.4f} vs true {scores['fg_true']:.4f}")
+
+
 def report(title, truth, predictions, data, annotated=None, baseline=False):
     """Print the challenge scores of `predictions` and, for a model, the per-class table.
 
     The watershed baseline predicts structure ids, not classes: only its Rand index means
-    anything, so it gets no Dice and no restriction to annotated classes."""
+    anything, so it gets no Dice and no restriction to annotated classes. Returns the scores."""
     if baseline:
         print(f"{title}: Rand index {rand_index(truth, predictions):.4f} "
               "(structure ids: no per-class Dice)")
-        return
+        return None
     scores = score_predictions(truth, predictions, data.num_classes, annotated)
-    print(f"{title}: per-class Dice {scores['dice']:.4f} | Rand index {scores['rand']:.4f} | "
-          f"foreground predicted {scores['fg_pred']:.4f} vs true {scores['fg_true']:.4f}")
+    print(f"{title}: {summary_line(scores)}")
     print(format_dice_table(dice_table(truth, predictions, data.num_classes), data.class_names))
+    return scores
+
+
+def report_members(checkpoints, member_labels, truth, data, annotated=None):
+    """One score line per ensemble member; returns (best member's Dice, its checkpoint)."""
+    best = None
+    for checkpoint, labels in zip(checkpoints, member_labels):
+        scores = score_predictions(truth, labels, data.num_classes, annotated)
+        print(f"  member {checkpoint.path}: {summary_line(scores)}")
+        if best is None or scores["dice"] > best[0]:
+            best = (scores["dice"], checkpoint)
+    return best
 
 
 def main(argv=None):
+    patterns, argv = checkpoint_arguments(argv)
     cfg = load_config("test", argv, __doc__)
     device = pick_device(cfg.gpu)
     if cfg.tta not in TTA_MODES:
         raise InputError(f"--tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
-    if cfg.split not in ("val", "train", "test"):
-        raise InputError(f"--split: unknown '{cfg.split}' (choose val, train or test)")
+    if cfg.split not in SPLITS:
+        raise InputError(f"--split: unknown '{cfg.split}' (choose {', '.join(SPLITS)})")
+    if cfg.weights not in ("", "teacher", "student"):
+        raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
 
-    # ==== model and data, all from the checkpoint ====
+    # ==== models and data, all from the checkpoints ====
+    checkpoints = []
     if cfg.baseline:
         if cfg.baseline != "watershed":
             raise InputError(f"--baseline: unknown '{cfg.baseline}' (the only one is watershed)")
         if not cfg.data:
             raise InputError("--baseline watershed needs --data (there is no checkpoint)")
-        state, model, out_dir = None, None, Path(cfg.data)
+        if cfg.split == "oof":
+            raise InputError("--split oof scores fold checkpoints; the baseline has none")
+        out_dir = Path(cfg.data)
         # Scored by the Rand index only, for which class ids are structure ids too: reading the
         # masks as ids accepts #165 and #150 folders alike.
         data = load_challenge(cfg.data, label_mode="instance")
-        train_cfg = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the training defaults' split
         print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
     else:
-        ckpt = find_checkpoint(cfg.ckpt)
-        state = load_checkpoint(ckpt, map_location=device)
-        if cfg.weights not in ("", "teacher", "student"):
-            raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
-        weights = cfg.weights or ("teacher" if state.get("teacher") is not None else "student")
-        model = model_from_checkpoint(state, "model" if weights == "student" else weights,
-                                      ckpt).to(device)
-        train_cfg, facts, out_dir = state["config"], state["data"], ckpt.parent
-        data = load_challenge(cfg.data or facts["root"], num_classes=facts["num_classes"])
+        paths = find_checkpoints(patterns or [cfg.ckpt])
+        checkpoints = [Checkpoint(path, cfg.weights) for path in paths]
+        check_members_agree(checkpoints)
+        roots = sorted({c.facts["root"] for c in checkpoints})
+        if not cfg.data and len(roots) > 1:
+            raise InputError(f"--ckpt: the checkpoints were trained on different data folders "
+                             f"({', '.join(roots)}); pass --data")
+        facts, first = checkpoints[0].facts, checkpoints[0].path
+        data = load_challenge(cfg.data or roots[0], num_classes=facts["num_classes"])
         if data.num_classes != facts["num_classes"]:
-            raise InputError(f"{ckpt}: trained for {facts['num_classes']} classes, the data in "
+            raise InputError(f"{first}: trained for {facts['num_classes']} classes, the data in "
                              f"{data.root} has {data.num_classes}")
-        print(f"Checkpoint {ckpt}: {state['model_name']} {state['model_kwargs']}, "
-              f"{weights} weights, epoch {state['epoch'] + 1}, trained by {state['method']}")
-        if cfg.tta in ("flip", "shift_flip") and not train_cfg.get("aug_flip", False):
-            print("warning: --tta with flips on a model trained without flips: left and right "
-                  "organs are different classes, so mirrored slices may confuse it")
+        for checkpoint in checkpoints:
+            print(checkpoint.describe())
+            if cfg.tta in ("flip", "shift_flip") and not checkpoint.config.get("aug_flip", False):
+                print(f"warning: --tta with flips on {checkpoint.path}, trained without flips: "
+                      "left and right organs are different classes, so mirrored slices may "
+                      "confuse it")
+        parents = [str(c.path.parent.absolute()) for c in checkpoints]
+        out_dir = Path(parents[0]) if len(checkpoints) == 1 else Path(os.path.commonpath(parents))
+        if len(checkpoints) > 1:
+            print(f"Ensemble of {len(checkpoints)} checkpoints: mean softmax, each with its own "
+                  "preprocessing")
 
-    def predict(images):
-        if model is None:
-            return watershed_baseline(np.asarray(images))
-        predictions = predict_slices(model, images, facts["img_size"], facts["normalize"], device,
-                                     cfg.batch_size, cfg.tta,
-                                     progress=lambda it: tqdm(it, desc="predict", leave=False))
-        if cfg.postprocess:
-            predictions = postprocess(predictions, cfg.min_component_size,
-                                      cfg.single_instance_classes)
-        return predictions
+    def finish(labels):
+        if not cfg.postprocess:
+            return labels
+        return postprocess(labels, cfg.min_component_size, cfg.single_instance_classes)
+
+    def predict(members, images, each_member=False):
+        """(labels (N,H,W), each member's labels or None) of `members` on `images`."""
+        if not members:
+            return watershed_baseline(np.asarray(images)), None
+        prediction = predict_ensemble(members, images, device, cfg.batch_size, cfg.tta,
+                                      each_member=each_member,
+                                      progress=lambda it: tqdm(it, desc="predict", leave=False))
+        member_labels = ([finish(labels) for labels in prediction.member_labels]
+                         if each_member else None)
+        return finish(prediction.labels), member_labels
+
+    members = [c.member for c in checkpoints]
+    ensemble = len(members) > 1
+    partial_labels = all(c.config["partial_labels"] for c in checkpoints)
+    model_note = " (annotated classes only)" if partial_labels and members else ""
 
     # ==== score the chosen split ====
     if cfg.split == "test":
@@ -111,26 +281,49 @@ def main(argv=None):
                              "(test-images/ or test-images.zip)")
         if data.test_masks is None:
             raise InputError(f"{data.root}: --split test needs test labels (y_test.csv)")
+    elif cfg.split == "oof":
+        check_folds_partition(checkpoints)
+        labeled = data.labeled_indices
+        truth = np.asarray(data.train_masks[labeled])
+        annotated = data.annotated[labeled] if partial_labels else None
+        predictions = np.empty_like(truth)
+        for checkpoint in sorted(checkpoints, key=lambda c: c.fold):
+            fold = checkpoint.split(data).val
+            rows = np.searchsorted(labeled, fold)
+            predictions[rows] = predict([checkpoint.member], data.train_images[fold])[0]
+            scores = score_predictions(truth[rows], predictions[rows], data.num_classes,
+                                       None if annotated is None else annotated[rows])
+            print(f"  fold {checkpoint.fold} ({len(fold)} slices, {checkpoint.path}): "
+                  f"{summary_line(scores)}")
+        report(f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds)"
+               f"{model_note}", truth, predictions, data, annotated)
     else:
-        split = make_split(data, train_cfg["labeled_ratio"], train_cfg["num_labeled"],
-                           train_cfg["split_seed"])
-        if state is not None and split.val.tolist() != facts["val_indices"]:
-            print("warning: the rebuilt validation split differs from the one in the checkpoint "
-                  "(has the data changed?)")
-        indices = split.val if cfg.split == "val" else split.train
-        truth = np.asarray(data.train_masks[indices])
-        predictions = predict(data.train_images[indices])
-        partial = data.annotated[indices] if train_cfg["partial_labels"] else None
-        note = " (annotated classes only)" if partial is not None and model is not None else ""
-        report(f"{cfg.split} ({len(indices)} slices){note}", truth, predictions, data, partial,
-               baseline=model is None)
+        defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the baseline's split
+        splits = [c.split(data) for c in checkpoints] or [make_split(
+            data, defaults["labeled_ratio"], defaults["num_labeled"], defaults["split_seed"])]
+        mixed = mixed_validation(checkpoints, splits, cfg.split)
+        if mixed and "split" in cfg._overrides:
+            raise InputError(mixed)
+        if mixed:
+            print(f"note: {mixed}. Validation is skipped; the test images follow.")
+        else:
+            indices = splits[0].val if cfg.split == "val" else splits[0].train
+            truth = np.asarray(data.train_masks[indices])
+            annotated = data.annotated[indices] if partial_labels else None
+            predictions, member_labels = predict(members, data.train_images[indices], ensemble)
+            if ensemble:
+                report_members(checkpoints, member_labels, truth, data, annotated)
+            title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
+            report(title + model_note, truth, predictions, data, annotated, baseline=not members)
 
     # ==== test images: submission, and scores when labels exist ====
     summary = []
     if data.test_images is not None:
-        test_predictions = predict(data.test_images)
-        if model is not None:
-            out = Path(cfg.out) if cfg.out else out_dir / "submission.csv"
+        scored = ensemble and data.test_masks is not None
+        test_predictions, member_labels = predict(members, data.test_images, scored)
+        if members:
+            name = "ensemble_submission.csv" if ensemble else "submission.csv"
+            out = Path(cfg.out) if cfg.out else out_dir / name
             write_label_csv(out, test_predictions, data.test_names)
             masks, names, _ = read_label_csv(out)
             if names != list(data.test_names) or not np.array_equal(masks, test_predictions):
@@ -138,9 +331,15 @@ def main(argv=None):
             summary.append(f"submission {out} ({masks.shape[1] * masks.shape[2]} pixel rows x "
                            f"{len(names)} images)")
         if data.test_masks is not None:
-            report(f"test ({len(data.test_names)} slices, full labels)", data.test_masks,
-                   test_predictions, data, baseline=model is None)
-        if cfg.save_png and model is not None:
+            best = (report_members(checkpoints, member_labels, data.test_masks, data)
+                    if scored else None)
+            scores = report(f"{'ensemble, ' if ensemble else ''}test ({len(data.test_names)} "
+                            "slices, full labels)", data.test_masks, test_predictions, data,
+                            baseline=not members)
+            if best is not None:
+                summary.append(f"test Dice: ensemble {scores['dice']:.4f}, best member "
+                               f"{best[0]:.4f} ({best[1].path})")
+        if cfg.save_png and members:
             count = min(cfg.save_png, len(data.test_names))
             png_dir = out_dir / "predictions_png"
             truths = data.test_masks[:count] if data.test_masks is not None else None
@@ -149,7 +348,7 @@ def main(argv=None):
             summary.append(f"{count} overlays in {png_dir}/")
     else:
         summary.append(f"no test images in {data.root}, so no submission")
-    if model is None:
+    if not members:
         summary.append("the watershed baseline writes no submission")
     print("Done: " + "; ".join(summary) + ". Next: edit a train_*.py script or its config and rerun.")
 

@@ -294,40 +294,70 @@ def load_challenge(root, num_classes=55, label_mode="class"):
 
 @dataclass
 class Split:
-    """Indices into the training images: labeled train / validation / unlabeled pool."""
+    """Indices into the training images: labeled train / validation / unlabeled pool.
+
+    `folds`/`fold` say which K-fold part validates (0/0: the `labeled_ratio` split)."""
     train: np.ndarray
     val: np.ndarray
     unlabeled: np.ndarray
+    folds: int = 0
+    fold: int = 0
 
 
-def make_split(data, labeled_ratio, num_labeled=0, split_seed=0):
-    """A pure function of (data, ratio, num_labeled, seed), so test.py can rebuild it.
+def _check_folds(data, folds, fold, count):
+    if folds == 0:
+        if fold != 0:
+            raise InputError(f"fold: {fold} given without --folds K (K >= 2 parts)")
+        return
+    if folds < 2:
+        raise InputError(f"folds: {folds} is not 0 (the labeled_ratio split) or at least 2")
+    if folds > count:
+        raise InputError(f"folds: {folds} folds but {data.root} has only {count} labeled images")
+    if not 0 <= fold < folds:
+        raise InputError(f"fold: {fold} is not between 0 and {folds - 1} (--folds {folds})")
 
-    The labeled images are shuffled with `split_seed`; the first `labeled_ratio` of them train
-    and the rest validate. With `num_labeled = K > 0`, only the first K of the training share
-    train, and the others join the unlabeled pool (their labels unused): validation stays the
-    same for every K, so few-label runs compare on the same images.
+
+def make_split(data, labeled_ratio, num_labeled=0, split_seed=0, folds=0, fold=0):
+    """A pure function of (data, ratio, num_labeled, seed, folds, fold), so test.py can rebuild it.
+
+    The labeled images are shuffled with `split_seed`. With `folds = 0` the first
+    `labeled_ratio` of them train and the rest validate. With `folds = K >= 2` the shuffled
+    list is cut into K consecutive parts whose sizes differ by at most one; part `fold`
+    validates and the other parts train (K-fold cross-validation: every labeled image
+    validates exactly once over the K folds; `labeled_ratio` is unused). With
+    `num_labeled = n > 0`, only the first n of the training share train, and the others join
+    the unlabeled pool (their labels unused): validation stays the same for every n, so
+    few-label runs compare on the same images.
     """
-    if not 0 < labeled_ratio < 1:
-        raise InputError(f"labeled_ratio: {labeled_ratio} is not between 0 and 1 (exclusive)")
     labeled = data.labeled_indices
     if len(labeled) == 0:
         raise InputError(f"{data.root}: no labeled images (every training mask is empty)")
-    shuffled = np.random.default_rng(split_seed).permutation(labeled)
-    n_train = min(max(1, int(round(labeled_ratio * len(labeled)))), len(labeled) - 1)
+    _check_folds(data, folds, fold, len(labeled))
+    if not folds and not 0 < labeled_ratio < 1:
+        raise InputError(f"labeled_ratio: {labeled_ratio} is not between 0 and 1 (exclusive)")
     if len(labeled) < 2:
         raise InputError(f"{data.root}: only one labeled image; need two (train + validation)")
-    train, val = shuffled[:n_train], shuffled[n_train:]
+    shuffled = np.random.default_rng(split_seed).permutation(labeled)
+    if folds:
+        parts = np.array_split(shuffled, folds)
+        train, val = np.concatenate(parts[:fold] + parts[fold + 1:]), parts[fold]
+        share = f"fold {fold} of --folds {folds}"
+    else:
+        n_train = min(max(1, int(round(labeled_ratio * len(labeled)))), len(labeled) - 1)
+        train, val = shuffled[:n_train], shuffled[n_train:]
+        share = f"labeled_ratio {labeled_ratio}"
     unlabeled = data.unlabeled_indices
     if num_labeled:
         if not 0 < num_labeled <= len(train):
             raise InputError(f"num_labeled: {num_labeled} is not between 1 and {len(train)} "
-                             f"(the labeled training images at labeled_ratio {labeled_ratio})")
+                             f"(the labeled training images at {share})")
         unlabeled = np.sort(np.concatenate([unlabeled, train[num_labeled:]]))
         train = train[:num_labeled]
-    return Split(train=np.sort(train), val=np.sort(val), unlabeled=unlabeled)
+    return Split(train=np.sort(train), val=np.sort(val), unlabeled=unlabeled, folds=folds,
+                 fold=fold)
 
 
 def split_summary(split):
-    return (f"{len(split.train)} labeled for training, {len(split.val)} for validation, "
+    validation = f"fold {split.fold} of {split.folds}" if split.folds else "validation"
+    return (f"{len(split.train)} labeled for training, {len(split.val)} for {validation}, "
             f"{len(split.unlabeled)} unlabeled")

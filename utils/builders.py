@@ -21,7 +21,8 @@ def load_data(cfg):
     with distributed.main_first():  # rank 0 may write the decoded-image cache the others read
         data = load_challenge(cfg.data, num_classes=cfg.num_classes)
     cfg.num_classes = data.num_classes
-    split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed)
+    split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed,
+                       folds=cfg.folds, fold=cfg.fold)
     norm = normalization_stats(np.asarray(data.train_images)[split.train])
     print(f"Data: {data.root} — {len(data.train_names)} training images "
           f"{data.image_size[1]}x{data.image_size[0]}, {data.num_classes} classes; "

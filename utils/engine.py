@@ -77,6 +77,7 @@ def data_facts(cfg, data, split, norm):
             "image_size": list(data.image_size), "normalize": norm, "root": str(data.root),
             "split_seed": cfg.split_seed, "labeled_ratio": cfg.labeled_ratio,
             "num_labeled": cfg.num_labeled, "partial_labels": cfg.partial_labels,
+            "folds": split.folds, "fold": split.fold,
             "train_indices": split.train.tolist(), "val_indices": split.val.tolist()}
 
 

@@ -1,7 +1,12 @@
 """Batched prediction of whole slices at the file's resolution, with optional test-time
-augmentation. One function serves validation during training, `test.py` and the teachers
-that label unlabeled images, so they all preprocess identically.
+augmentation, by one network or the mean softmax of several (an ensemble). One function
+(`predict_ensemble`, of which `predict_slices` is the one-network case) serves validation
+during training, `test.py` (single checkpoints, ensembles, out-of-fold scores) and the
+teachers that label unlabeled images, so they all preprocess identically.
 """
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,32 +56,85 @@ def predict_probabilities(model, batch, views):
     return total / len(views)
 
 
-@torch.no_grad()
-def predict_slices(model, images, img_size, norm, device, batch_size=16, tta="none",
-                   with_confidence=False, progress=None):
-    """Predict class maps for `images (N,H,W) uint8` at their own resolution.
+@dataclass
+class Member:
+    """One network of an ensemble with its own preprocessing: `img_size`, the side of its input,
+    and `norm`, the intensity normalisation it was trained with."""
+    model: torch.nn.Module
+    img_size: int
+    norm: dict
 
-    Returns `labels (N,H,W) uint8` and, with `with_confidence`, `confidence (N,H,W) float32`
-    (the max softmax probability). The model is put in eval mode and restored afterwards.
+
+@dataclass
+class Prediction:
+    """`labels (N,H,W) uint8`; `confidence (N,H,W) float32` (max mean probability) and
+    `member_labels (M,N,H,W) uint8` (each member's own argmax) when asked for, else None."""
+    labels: np.ndarray
+    confidence: np.ndarray | None = None
+    member_labels: np.ndarray | None = None
+
+
+@contextmanager
+def _evaluating_on(model, device):
+    """`model` in eval mode on `device`, then back where it was (device and mode)."""
+    home, was_training = next(model.parameters()).device, model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        model.to(home).train(was_training)
+
+
+@torch.no_grad()
+def predict_ensemble(members, images, device, batch_size=16, tta="none", with_confidence=False,
+                     each_member=False, progress=None):
+    """Predict class maps for `images (N,H,W) uint8` at their own resolution: the argmax of the
+    mean over `members` of their softmax (each with its own preprocessing and the `tta` views),
+    resized to the file's resolution. Returns a `Prediction`.
+
+    Memory stays that of one network and one batch: for each batch of images the members run
+    one after another, each moved to `device` only while it predicts (so the members can wait
+    on the host), and its probabilities are added to the batch's running sum. Averaging over
+    the whole set member by member would need the set's probabilities at once instead —
+    500 slices x 55 classes x 256 x 256 in float32 is 7 GB.
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
-    was_training = model.training
-    model.eval()
     views = _tta_views(tta)
     count, height, width = images.shape
-    labels = np.empty((count, height, width), np.uint8)
-    confidence = np.empty((count, height, width), np.float32) if with_confidence else None
+    result = Prediction(labels=np.empty((count, height, width), np.uint8))
+    if with_confidence:
+        result.confidence = np.empty((count, height, width), np.float32)
+    if each_member:
+        result.member_labels = np.empty((len(members), count, height, width), np.uint8)
     starts = range(0, count, batch_size)
     for start in (progress(starts) if progress else starts):
         raw = torch.from_numpy(np.array(images[start:start + batch_size]))[:, None]
-        batch = normalize(resize(raw, img_size), norm).to(device)
-        probabilities = predict_probabilities(model, batch, views)
-        probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear",
-                                      align_corners=False)
-        best, label = probabilities.max(1)
-        labels[start:start + len(raw)] = label.cpu().numpy()
+        rows = slice(start, start + len(raw))
+        total = None
+        for index, member in enumerate(members):
+            batch = normalize(resize(raw, member.img_size), member.norm).to(device)
+            with _evaluating_on(member.model, device) as model:
+                probabilities = predict_probabilities(model, batch, views)
+            probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear",
+                                          align_corners=False)
+            if each_member:
+                result.member_labels[index, rows] = probabilities.argmax(1).cpu().numpy()
+            total = probabilities if total is None else total.add_(probabilities)
+        best, label = total.div_(len(members)).max(1)
+        result.labels[rows] = label.cpu().numpy()
         if with_confidence:
-            confidence[start:start + len(raw)] = best.cpu().numpy()
-    model.train(was_training)
-    return (labels, confidence) if with_confidence else labels
+            result.confidence[rows] = best.cpu().numpy()
+    return result
+
+
+def predict_slices(model, images, img_size, norm, device, batch_size=16, tta="none",
+                   with_confidence=False, progress=None):
+    """Predict class maps for `images (N,H,W) uint8` at their own resolution with one network.
+
+    Returns `labels (N,H,W) uint8` and, with `with_confidence`, `confidence (N,H,W) float32`
+    (the max softmax probability). The model's mode and device are restored afterwards.
+    """
+    result = predict_ensemble([Member(model, img_size, norm)], images, device, batch_size, tta,
+                              with_confidence, progress=progress)
+    return (result.labels, result.confidence) if with_confidence else result.labels
