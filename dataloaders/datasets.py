@@ -1,4 +1,4 @@
-"""Torch datasets over the challenge arrays, with their augmentation (README, Augmentation).
+"""Torch datasets over the challenge arrays, with their augmentation (README, Configuration: Augmentation).
 
 Every view is built the same way: the uint8 slice is resized to `img_size` (the `resize` inference
 uses), geometrically augmented together with its masks by one affine matrix (`cv2.warpAffine`:
@@ -234,7 +234,7 @@ class IntensityAugmentation:
 
 
 def intensity_augmentation():
-    """Strong-view intensity perturbation: jitter, gamma, blur, noise (README, Augmentation)."""
+    """Strong-view intensity perturbation: jitter, gamma, blur, noise (README, Configuration)."""
     return IntensityAugmentation()
 
 

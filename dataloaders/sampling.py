@@ -1,5 +1,5 @@
 """Which slices an epoch visits, in which order, and with which randomness — for any number of
-DataLoader workers and training processes (README, Reproducibility).
+DataLoader workers and training processes (README, Configuration: Augmentation).
 
 For (seed, epoch, stream) there is one global sequence of samples, positions 0, 1, 2, ...:
 position p holds a dataset index (back-to-back random permutations of range(len(dataset))) and a
