@@ -5,7 +5,10 @@
     python bench.py --only csv metrics
 
 Entries: `csv` (label CSV parse vs numpy.loadtxt, peak memory, cached load), `metrics` (Rand
-index and per-class Dice vs per-image implementations), `networks` (images/s and achieved
+index and per-class Dice vs per-image implementations), `pipeline` (samples/s of the labeled,
+unlabeled and evaluation datasets on one core vs the per-sample torchvision.transforms.v2 pipeline
+they replaced), `loading` (a training step's images/s fed by the real DataLoader vs synthetic
+tensors, and whether data loading is the bottleneck), `networks` (images/s and achieved
 GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
 torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
 elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step vs one
@@ -18,13 +21,22 @@ import tempfile
 import time
 import tracemalloc
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation, intensity_augmentation,
+                                  normalization_stats, normalize, outside_air_mask, resize)
 from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_csv
+from dataloaders.phantom import render_slice
+from dataloaders.sampling import epoch_loader
 from networks import build_model
+from utils.config import load_config
 from utils.metrics import per_class_dice, rand_index
 
 
@@ -147,11 +159,11 @@ def _instance_masks(n_images, side, seed):
 
 
 def bench_metrics(report, quick=False):
-    """rand_index on 500 masks 512×512 and per_class_dice on 500 masks 256×256 vs per-image baselines.
+    """rand_index on 300 masks 512×512 and per_class_dice on 500 masks 256×256 vs per-image baselines.
 
     quick: 20 masks each.
     """
-    n_images = 20 if quick else 500
+    n_images = 20 if quick else 300
     truth = _instance_masks(n_images, 512, seed=1)
     pred = (np.roll(truth, 5, axis=2).astype(np.int64) * 7 % 256).astype(np.uint8)  # shifted, relabelled
     fast_seconds, fast = _best_time(lambda: rand_index(truth, pred), repeats=2)
@@ -160,6 +172,7 @@ def bench_metrics(report, quick=False):
     report("metric_rand_index", f"rand_index {n_images}x512x512: {fast_seconds:.3f} s vs per-image np.unique "
                                 f"{slow_seconds:.3f} s: {slow_seconds / fast_seconds:.1f}x{ok}")
 
+    n_images = 20 if quick else 500
     truth = _challenge_like_masks(n_images, 256, seed=2)
     truth[int(0.4 * n_images):] = _challenge_like_masks(n_images, 256, seed=3)[:n_images - int(0.4 * n_images)]
     pred = np.where(np.random.default_rng(4).random(truth.shape) < 0.9, truth, 0).astype(np.uint8)
@@ -168,6 +181,164 @@ def bench_metrics(report, quick=False):
     ok = "" if abs(fast - slow) < 1e-9 else f" ERROR: {fast} != {slow}"
     report("metric_dice", f"per_class_dice {n_images}x256x256, 55 classes: {fast_seconds:.3f} s vs per-image "
                           f"per-class loop {slow_seconds:.3f} s: {slow_seconds / fast_seconds:.1f}x{ok}")
+
+
+# ==== input pipeline ====
+class _RandomGammaV2:
+    """x -> x ** gamma, gamma log-uniform in (0.7, 1.5), p = 0.5 (the v2 reference's gamma)."""
+
+    def __call__(self, image):
+        if torch.rand(()) >= 0.5:
+            return image
+        gamma = float(torch.empty(()).uniform_(*np.log((0.7, 1.5))).exp())
+        return image.clamp(0, 1) ** gamma
+
+
+class _V2Pipeline:
+    """Naive reference: the per-sample torchvision.transforms.v2 pipeline the datasets ran before
+    (one RandomAffine per tv_tensor — image, mask and outside-air mask each warped with their own
+    sampling grid — the air mask recomputed per sample, the intensity perturbation in torch)."""
+
+    def __init__(self, cfg, data, img_size, norm, air_threshold=10):
+        steps = [v2.RandomAffine(degrees=cfg.aug_rotate, translate=(cfg.aug_translate,) * 2,
+                                 scale=tuple(cfg.aug_scale),
+                                 interpolation=v2.InterpolationMode.BILINEAR, fill=0)]
+        if cfg.aug_flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.geometry = v2.Compose(steps)
+        self.intensity = v2.Compose([
+            v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3)], p=0.8),
+            _RandomGammaV2(),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.5),
+            v2.RandomApply([v2.GaussianNoise(sigma=0.03, clip=True)], p=0.5),
+        ])
+        self.data, self.img_size, self.norm, self.air_threshold = data, img_size, norm, air_threshold
+
+    def labeled(self, index, augment=True):
+        raw = np.array(self.data.train_images[index])
+        image = tv_tensors.Image(resize(torch.from_numpy(raw)[None], self.img_size))
+        mask = torch.from_numpy(np.asarray(self.data.train_masks[index], dtype=np.int64))
+        mask = tv_tensors.Mask(v2.functional.resize(mask[None], [self.img_size] * 2,
+                                                    interpolation=v2.InterpolationMode.NEAREST_EXACT)[0])
+        air = tv_tensors.Mask(torch.from_numpy(outside_air_mask(image[0].numpy(), self.air_threshold)))
+        if augment:
+            image, mask, air = self.geometry(image, mask, air)
+        return {"image": normalize(image.as_subclass(torch.Tensor), self.norm),
+                "mask": mask.as_subclass(torch.Tensor),
+                "annotated": torch.from_numpy(np.asarray(self.data.annotated[index])),
+                "certain_background": air.as_subclass(torch.Tensor), "index": index}
+
+    def unlabeled(self, index):
+        raw = torch.from_numpy(np.array(self.data.train_images[index]))[None]
+        weak = self.geometry(tv_tensors.Image(resize(raw, self.img_size)))
+        weak = weak.as_subclass(torch.Tensor).float() / 255.0
+        return {"image_w": normalize(weak, self.norm), "image_s1": normalize(self.intensity(weak), self.norm),
+                "image_s2": normalize(self.intensity(weak), self.norm), "index": index}
+
+
+def _phantom_data(count, size):
+    """`count` phantom slices at size² as the arrays the datasets read (55 classes, all annotated)."""
+    images, masks = zip(*(render_slice(0, index, size) for index in range(count)))
+    return SimpleNamespace(train_images=np.stack(images), train_masks=np.stack(masks),
+                           annotated=np.ones((count, 55), bool))
+
+
+def _interleaved_seconds(functions, rounds, calls):
+    """{name: best seconds per call} of `functions {name: f(i)}`, timed in alternating rounds of
+    `calls` calls each, so that a change in the machine's load hits all of them alike."""
+    best = dict.fromkeys(functions, float("inf"))
+    for round_index in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            for call in range(calls):
+                function(round_index * calls + call)
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
+
+
+def bench_pipeline(report, size=256, quick=False):
+    """Samples/s on one core of the labeled, unlabeled (weak + two strong views) and evaluation
+    paths vs the v2 reference, on phantom slices at size²; both run single-threaded."""
+    if quick:
+        size = 64
+    rounds, calls = (2, 3) if quick else (5, 40)
+    cfg = load_config("supervised", [])
+    data = _phantom_data(4 if quick else 16, size)
+    norm = normalization_stats(data.train_images)
+    indices = np.arange(len(data.train_images))
+    labeled = LabeledSlices(data, indices, size, norm, augment=geometric_augmentation(cfg))
+    evaluation = LabeledSlices(data, indices, size, norm)
+    unlabeled = UnlabeledSlices(data.train_images, indices, size, norm, geometric_augmentation(cfg),
+                                intensity_augmentation())
+    reference = _V2Pipeline(cfg, data, size, norm)
+    count = len(indices)
+    paths = {
+        "labeled": (lambda i: reference.labeled(i % count), lambda i: labeled[(i % count, i)]),
+        "unlabeled (weak + 2 strong)": (lambda i: reference.unlabeled(i % count),
+                                        lambda i: unlabeled[(i % count, i)]),
+        "evaluation": (lambda i: reference.labeled(i % count, augment=False), lambda i: evaluation[i % count]),
+    }
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenCV runs on one thread in the datasets already
+    try:
+        for name, (naive, fast) in paths.items():
+            seconds = _interleaved_seconds({"v2": naive, "new": fast}, rounds, calls)
+            report(f"input pipeline {name} ({size}², 1 core)",
+                   f"v2 {1 / seconds['v2']:.0f} samples/s vs {1 / seconds['new']:.0f} samples/s: "
+                   f"{seconds['v2'] / seconds['new']:.1f}x")
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def bench_loading(report, quick=False):
+    """Training-step images/s with the real input pipeline (DataLoader, the default config's
+    workers, batch size and network) vs synthetic tensors already in memory."""
+    cfg = load_config("supervised", [])
+    size, batch, min_steps = (64, 2, 2) if quick else (cfg.img_size, cfg.batch_size, 4)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = _phantom_data(8 if quick else 32, size)
+    norm = normalization_stats(data.train_images)
+    dataset = LabeledSlices(data, np.arange(len(data.train_images)), size, norm,
+                            augment=geometric_augmentation(cfg))
+    torch.manual_seed(0)
+    model_kwargs = cfg.model_kwargs["segformer" if cfg.model.startswith("segformer") else cfg.model]
+    model = build_model(cfg.model, in_channels=1, num_classes=55, **model_kwargs).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(images, masks):
+        loss = F.cross_entropy(model(images.to(device, non_blocking=True)), masks.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def loader(steps):
+        return epoch_loader(dataset, seed=0, epoch=0, stream=0, num_batches=steps + 1, batch_size=batch,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    def images_per_second(batches, consume, steps):
+        """After one warm-up batch (worker start-up, first kernels)."""
+        iterator = iter(batches)
+        consume(next(iterator))
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            consume(next(iterator))
+        _synchronize(device)
+        return steps * batch / (time.perf_counter() - start)
+
+    synthetic = {"image": torch.randn(batch, 1, size, size, device=device),
+                 "mask": torch.randint(0, 55, (batch, size, size), device=device)}
+    steps = min_steps
+    synthetic_rate = images_per_second(iter(lambda: synthetic, None), lambda b: step(b["image"], b["mask"]), steps)
+    real_rate = images_per_second(loader(steps), lambda b: step(b["image"], b["mask"]), steps)
+    loader_steps = steps * 4
+    loader_rate = images_per_second(loader(loader_steps), lambda b: None, loader_steps)
+    label = f"{cfg.model} {model_kwargs}, {batch}×{size}², {cfg.num_workers} workers, {device.type}"
+    report(f"train step, synthetic tensors ({label})", f"{synthetic_rate:.1f} img/s")
+    report("train step, real input pipeline", f"{real_rate:.1f} img/s = {real_rate / synthetic_rate:.0%} of synthetic")
+    verdict = "IS" if loader_rate < synthetic_rate else "is not"
+    report("input pipeline alone", f"{loader_rate:.1f} img/s: data loading {verdict} the bottleneck "
+                                   f"({loader_rate / synthetic_rate:.1f}x what the step consumes)")
 
 
 # ==== networks ====
@@ -401,9 +572,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
-    parser.add_argument("--only", nargs="+",
-                        choices=["csv", "metrics", "networks", "unimatch", "ddp"],
-                        default=["csv", "metrics", "networks", "unimatch", "ddp"])
+    entries = ["csv", "metrics", "pipeline", "loading", "networks", "unimatch", "ddp"]
+    parser.add_argument("--only", nargs="+", choices=entries, default=entries)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
@@ -413,6 +583,10 @@ def main():
             bench_csv(report, folder, quick=args.quick)
     if "metrics" in args.only:
         bench_metrics(report, quick=args.quick)
+    if "pipeline" in args.only:
+        bench_pipeline(report, quick=args.quick)
+    if "loading" in args.only:
+        bench_loading(report, quick=args.quick)
     if "networks" in args.only:
         bench_networks(report, quick=args.quick)
     if "unimatch" in args.only:

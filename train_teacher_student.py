@@ -38,11 +38,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 import train_supervised
-from dataloaders.datasets import LabeledSlices
+from dataloaders.datasets import ConcatSlices, LabeledSlices
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             load_init_weights, semi_supervised_sets)
@@ -325,7 +324,7 @@ def main(argv=None):
             Path(cfg.out_dir) / "pseudo_labels", device)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        joint_set = ConcatDataset([labeled_set, pseudo_set])
+        joint_set = ConcatSlices([labeled_set, pseudo_set])
         phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
         iterations = iterations_per_epoch(cfg, len(joint_set), cfg.batch_size)
         if facts["normalize"] != norm:

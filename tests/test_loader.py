@@ -220,7 +220,7 @@ def test_strong_views_share_the_weak_geometry(tiny_phantom):
     data = load_challenge(tiny_phantom)
     norm = {"mean": 0.0, "std": 1.0}
     identity_intensity = UnlabeledSlices(data.train_images, [0], 64, norm,
-                                         geometric_augmentation(cfg), lambda image: image.clone())
+                                         geometric_augmentation(cfg), lambda image, rng: image / np.float32(255))
     torch.manual_seed(0)
     views = identity_intensity[0]
     assert torch.equal(views["image_w"], views["image_s1"])

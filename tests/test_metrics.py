@@ -115,6 +115,27 @@ def test_rand_index_matches_pair_counting(seed):
                                rtol=0, atol=1e-12)
 
 
+def blocky_labels(rng, count, rows, cols, width):
+    """(count, rows, cols) labels constant over runs of `width` pixels along each row."""
+    return rng.integers(0, 4, size=(count, rows, cols // width)).repeat(width, axis=2).astype(np.uint8)
+
+
+def test_rand_index_on_piecewise_constant_maps_matches_pair_counting():
+    """Long runs of equal pixels: the tables are counted per run, not per pixel."""
+    rng = np.random.default_rng(11)
+    truth = blocky_labels(rng, 3, 8, 16, width=4)
+    pred = np.roll(blocky_labels(rng, 3, 8, 16, width=8), 2, axis=2)
+    assert rand_index(truth, pred) == pytest.approx(reference_rand_index(truth, pred), abs=1e-12)
+
+
+@pytest.mark.parametrize("run_length", [1, 3, 16])
+def test_code_counts_equal_a_per_pixel_count(run_length):
+    rng = np.random.default_rng(run_length)
+    codes = np.repeat(rng.integers(0, 40, size=600), run_length).astype(np.uint16)
+    expected = np.array([np.count_nonzero(codes == value) for value in range(50)])
+    np.testing.assert_array_equal(metrics._code_counts(codes, 50), expected)
+
+
 def test_rand_index_with_arbitrary_int_ids():
     """Wide-ranging and negative ids (the compacting path) give the same as small ids."""
     rng = np.random.default_rng(7)

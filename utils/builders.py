@@ -4,8 +4,8 @@ facts a checkpoint records.
 """
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
 
+from dataloaders import sampling
 from dataloaders.challenge import load_challenge, make_split, split_summary
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation, normalization_stats)
@@ -13,7 +13,6 @@ from networks import MODELS, build_model, model_options
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
-from utils.runtime import epoch_seed, seed_worker
 
 
 def load_data(cfg):
@@ -129,33 +128,19 @@ def load_init_weights(model, path, model_name, model_kwargs, weights="model"):
           f"best {state['config']['select_metric']} {state['best_score']:.4f})")
 
 
-class CyclingSampler(Sampler):
-    """`num_samples` indices from back-to-back random permutations of range(size)."""
-
-    def __init__(self, size, num_samples, generator):
-        self.size, self.num_samples, self.generator = size, num_samples, generator
-
-    def __iter__(self):
-        drawn = 0
-        while drawn < self.num_samples:
-            order = torch.randperm(self.size, generator=self.generator).tolist()
-            take = order[:self.num_samples - drawn]
-            drawn += len(take)
-            yield from take
-
-    def __len__(self):
-        return self.num_samples
-
-
 def epoch_loader(dataset, cfg, epoch, num_batches, batch_size, stream=0):
-    """A loader giving exactly `num_batches` full batches, reshuffled per pass, seeded by
-    (seed, epoch, stream) so an epoch is reproducible on its own (exact resume)."""
-    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch, stream))
-    sampler = CyclingSampler(len(dataset), num_batches * batch_size, generator)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=cfg.num_workers, worker_init_fn=seed_worker,
-                      generator=generator, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+    """This process's share of the epoch's `num_batches` global batches of `stream`.
+
+    Which slices a global batch holds, and every random augmentation of each, depend only on
+    (seed, epoch, stream, position) — not on `num_workers` nor on the number of processes — so
+    an epoch is reproducible on its own (exact resume) and N processes of batch B see what one
+    process of batch N·B sees (dataloaders/sampling.py).
+    """
+    return sampling.epoch_loader(dataset, seed=cfg.seed, epoch=epoch, stream=stream,
+                                 num_batches=num_batches, batch_size=batch_size,
+                                 num_workers=cfg.num_workers, rank=distributed.rank(),
+                                 world_size=distributed.world_size(),
+                                 pin_memory=torch.cuda.is_available())
 
 
 def iterations_per_epoch(cfg, driving_size, batch_size):

@@ -8,8 +8,9 @@
   over images.
 
 Both come from each image's contingency table — one `bincount` of the (truth, pred) pair codes per
-image, whose table stays in cache, with the images spread over threads (bincount releases the
-GIL) — never from per-class masks or pair loops. Run as a script to score a submission CSV:
+image, with the images spread over threads (bincount releases the GIL) — never from per-class
+masks or pair loops. Label maps are piecewise constant, so the table counts runs of equal
+consecutive codes rather than pixels (`_code_counts`). Run as a script to score a submission CSV:
 
     python -m utils.metrics --truth data/phantom/y_test.csv --pred runs/latest/submission.csv
 """
@@ -24,6 +25,9 @@ from utils.errors import InputError, run_cli
 
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 _MAX_TABLE_CELLS = 1 << 20  # larger label ranges (or negative ids) are compacted per image first
+# Counting runs pays off while runs average at least this many pixels (measured at 512²: at 8
+# pixels per run it is ~1.5x faster than counting pixels, at 2 pixels per run several times slower)
+_MIN_MEAN_RUN = 4
 
 
 # ---------------------------------------------------------------- Dice
@@ -175,6 +179,20 @@ def _as_image_rows(truth, pred):
     return truth.reshape(truth.shape[0], -1), pred.reshape(pred.shape[0], -1)
 
 
+def _code_counts(codes, cells):
+    """`np.bincount(codes, minlength=cells)` through runs: one weighted count per run of equal
+    consecutive codes. A row-major label map has a few runs per row where the pixel count has
+    hundreds, so far fewer table cells are touched; maps with short runs are counted per pixel.
+    """
+    starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+    if len(starts) + 1 > codes.size // _MIN_MEAN_RUN:
+        return np.bincount(codes, minlength=cells)
+    starts = np.concatenate(([0], starts))
+    lengths = np.diff(starts, append=codes.size)
+    # float64 weights hold integer counts exactly (a table cell counts at most the image's pixels)
+    return np.bincount(codes[starts], weights=lengths, minlength=cells).astype(np.int64)
+
+
 def _map_tables(truth, pred, truth_labels, pred_labels, reduce):
     """`[reduce(table_i)]` over images, table_i the `(truth_labels, pred_labels)` int64 pixel counts.
 
@@ -187,7 +205,7 @@ def _map_tables(truth, pred, truth_labels, pred_labels, reduce):
         code = truth[image].astype(code_type)
         code *= code_type(pred_labels)
         np.add(code, pred[image], out=code, casting="unsafe")  # values fit: checked by the caller
-        return reduce(np.bincount(code, minlength=cells).reshape(truth_labels, pred_labels))
+        return reduce(_code_counts(code, cells).reshape(truth_labels, pred_labels))
 
     with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
         return list(pool.map(reduce_image, range(truth.shape[0])))

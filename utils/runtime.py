@@ -90,11 +90,11 @@ def seed_everything(seed, deterministic=False):
 
 
 def epoch_seed(seed, epoch, stream=0):
-    """A 32-bit seed that depends only on (seed, epoch, stream): one stream per loader."""
+    """A 32-bit seed that depends only on (seed, epoch, stream)."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
 
 
-EPOCH_STREAM = 1000  # the stream of the global generators, apart from the loaders' 0, 1, 2 …
+EPOCH_STREAM = 1000  # the global generators' stream, apart from the loaders' streams 0, 1, 2 …
 
 
 def seed_epoch(seed, epoch):
@@ -104,10 +104,3 @@ def seed_epoch(seed, epoch):
     CutMix boxes) differ between processes as between the samples of one batch; rank 0 draws
     what one process does."""
     seed_everything(epoch_seed(seed, epoch, stream=EPOCH_STREAM + distributed.rank()))
-
-
-def seed_worker(worker_id):
-    """DataLoader workers: derive NumPy/random seeds from torch's per-worker seed."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
