@@ -33,7 +33,8 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, load_config, read_yaml_chain
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, Member, predict_ensemble
-from utils.metrics import dice_table, format_dice_table, rand_index, score_predictions
+from utils.metrics import (class_area_report, dice_table, format_area_report, format_dice_table,
+                           rand_index, score_predictions)
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
 from utils.runtime import pick_device
@@ -189,6 +190,9 @@ def report(title, truth, predictions, data, annotated=None, baseline=False):
     scores = score_predictions(truth, predictions, data.num_classes, annotated)
     print(f"{title}: {summary_line(scores)}")
     print(format_dice_table(dice_table(truth, predictions, data.num_classes), data.class_names))
+    areas = class_area_report(truth, predictions, data.num_classes, annotated)
+    print(f"Predicted vs true area per class{' (annotated slices only)' if annotated is not None else ''}:")
+    print(format_area_report(areas, data.class_names))
     return scores
 
 

@@ -34,7 +34,8 @@ def train(cfg):
     # ==== model, loss, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
-    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train])
+    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
+                                      device)
     loss_fn = build_loss(cfg, area_bounds).to(device)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)

@@ -18,7 +18,8 @@ import torch
 
 from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
-from utils.losses import build_loss, build_stream_loss
+from utils.losses import (build_loss, build_stream_loss, drop_oversized_pseudo_labels,
+                          labeled_area_bounds)
 from utils.mixing import paste, random_boxes
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             semi_supervised_sets)
@@ -28,8 +29,10 @@ from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
 
-def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False):
-    """One UniMatch step; returns (total loss, dict of logged scalars). No optimiser work here."""
+def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False,
+                  area_bounds=None):
+    """One UniMatch step; returns (total loss, dict of logged scalars). No optimiser work here.
+    `area_bounds (C,)`: with `pseudo_area_filter`, the per-slice area bound of each class."""
     img_x, mask_x = batch_x["image"], batch_x["mask"]
 
     def supervised(logits_x):
@@ -62,6 +65,9 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
     logits_u_s1, logits_u_s2 = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
 
     conf_u_w, mask_u_w = logits_u_w.detach().float().softmax(1).max(1)
+    if cfg.pseudo_area_filter:  # a class painted far beyond its plausible area is not taught
+        mask_u_w = drop_oversized_pseudo_labels(mask_u_w, area_bounds)
+        mask_u_w_mix = drop_oversized_pseudo_labels(mask_u_w_mix, area_bounds)
     if cfg.image_filter > 0:  # drop whole slices with too few confident pixels
         keep = (conf_u_w >= cfg.conf_thresh).float().mean((1, 2)) >= cfg.image_filter
         conf_u_w = conf_u_w * keep.view(-1, 1, 1)
@@ -93,7 +99,9 @@ def main(argv=None):
     # ==== model, losses, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
-    loss_sup = build_loss(cfg).to(device)
+    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
+                                      device)
+    loss_sup = build_loss(cfg, area_bounds).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)
@@ -111,7 +119,8 @@ def main(argv=None):
         for batch_x, batch_u, batch_mix in run.steps(loaders, iterations, epoch):
             with autocast(device, cfg):
                 loss, logs = train_forward(unimatch_step, batch_x, batch_u, batch_mix, loss_sup,
-                                           loss_stream, cfg, warmup=epoch < cfg.warmup_epochs)
+                                           loss_stream, cfg, warmup=epoch < cfg.warmup_epochs,
+                                           area_bounds=area_bounds)
             optimizer_step(loss, optimizer, scaler, cfg)
             if cfg.scheduler == "poly":
                 scheduler.step()

@@ -2,7 +2,9 @@
 import csv
 import json
 import os
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +36,9 @@ def test_a_run_writes_every_output(trained):
         assert (trained / name).is_file(), name
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
-    assert {"loss", "lr", "val_dice", "val_rand", "seconds"} <= set(records[0])
+    assert {"loss", "lr", "val_dice", "val_rand", "seconds", "step_seconds"} <= set(records[0])
+    # the per-class area report's summary: sinks and suppressed classes are visible in the log
+    assert {"val_worst_area_ratio", "val_sink_classes", "val_missing_classes"} <= set(records[0])
     assert (trained.parent / "runs" / "latest").resolve() == trained.resolve()
     state = torch.load(trained / "best.pth", weights_only=True)   # a plain dict
     assert state["model_name"] == "attunet" and state["data"]["img_size"] == 64
@@ -48,6 +52,19 @@ def test_test_py_reproduces_the_logged_validation_score(trained, capsys, monkeyp
     test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1"])
     out = capsys.readouterr().out
     assert f"per-class Dice {best['val_dice']:.4f} | Rand index {best['val_rand']:.4f}" in out
+    assert "Predicted vs true area per class (annotated slices only):" in out
+
+
+def test_test_py_flags_a_sink_and_a_missing_class(capsys):
+    # class 1: 2 true pixels, 7 predicted (3.5x) -> sink; class 2: 4 true, none predicted -> missing
+    truth = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], [[2, 2, 2, 2, 0], [0, 0, 0, 0, 0]]])
+    predictions = np.array([[[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]])
+    data = SimpleNamespace(num_classes=4, class_names={1: "liver", 2: "spleen", 3: "kidney"})
+    test_script.report("test", truth, predictions, data)
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()
+            if line.strip().split()[-1:] in (["SINK"], ["MISSING"])}
+    assert set(rows) == {"liver", "spleen"}
+    assert rows["liver"].endswith("SINK") and rows["spleen"].endswith("MISSING")
 
 
 def test_submission_reads_back_with_the_challenge_shape(trained, tiny_phantom):

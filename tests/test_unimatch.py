@@ -7,7 +7,7 @@ import torch
 from conftest import IntensityClassifier, Recorder
 
 from train_unimatch import unimatch_step
-from utils.losses import build_stream_loss
+from utils.losses import IGNORE_INDEX, build_stream_loss
 from utils.mixing import paste, random_boxes
 
 
@@ -46,7 +46,8 @@ def test_paste_images_and_maps():
 
 def make_cfg(**changes):
     cfg = dict(cutmix_p=1.0, cutmix_area=[0.1, 0.3], cutmix_aspect=[0.5, 2.0], conf_thresh=0.95,
-               fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5)
+               fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5,
+               pseudo_area_filter=False)
     cfg.update(changes)
     return SimpleNamespace(**cfg)
 
@@ -80,6 +81,20 @@ def test_pseudo_labels_inside_boxes_come_from_the_mix_batch():
     assert torch.equal(target_s2, torch.where(box2, 2, 1))
     assert not torch.equal(box1, box2)                        # independent boxes per strong view
     assert (target_fp == 1).all() and not ignore_fp.any() and not ignore_s1.any()
+
+
+def test_the_area_filter_ignores_a_class_beyond_its_bound():
+    torch.manual_seed(0)
+    model, stream = IntensityClassifier(), Recorder()
+    batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0)
+    # u_w is class 1 on every pixel (area 1.0 > bound 0.5): ignored; the mix batch's class 2
+    # (area 1.0 ≤ bound 1.0) is kept inside the boxes
+    bounds = torch.tensor([1.0, 0.5, 1.0])
+    unimatch_step(model, batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(8.0), stream,
+                  make_cfg(pseudo_area_filter=True), area_bounds=bounds)
+    box1 = model.decoded_batches[-1][:3, 0] == 0.0
+    assert torch.equal(stream.calls[0]["target"], torch.where(box1, 2, IGNORE_INDEX))
+    assert (stream.calls[2]["target"] == IGNORE_INDEX).all()    # the FP stream: all of u_w
 
 
 def test_pixels_under_tau_are_ignored_and_get_no_gradient():

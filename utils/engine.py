@@ -44,7 +44,7 @@ from utils.config import config_to_yaml
 from utils.errors import InputError, TrainingDiverged
 from utils.files import atomic_path
 from utils.inference import predict_slices
-from utils.metrics import score_predictions
+from utils.metrics import area_summary, class_area_report, format_area_flags, score_predictions
 from utils.plots import plot_curves, plot_examples
 
 
@@ -84,16 +84,20 @@ def data_facts(cfg, data, split, norm):
 def evaluate(model, data, indices, cfg, norm, device):
     """Predict and score the training-set slices `indices` (the validation split).
 
-    Returns `val_*` floats, `per_class_dice (C,)` and `predictions (N,H,W) uint8`.
+    Returns `val_*` floats (the challenge scores, and `val_worst_area_ratio`,
+    `val_sink_classes`, `val_missing_classes` of the per-class area report), `per_class_dice
+    (C,)`, `areas` (the `class_area_report`) and `predictions (N,H,W) uint8`.
     """
     images = np.asarray(data.train_images[indices])
     truth = np.asarray(data.train_masks[indices])
     predictions = predict_slices(model, images, cfg.img_size, norm, device, cfg.eval_batch_size)
-    scores = score_predictions(truth, predictions, data.num_classes,
-                               data.annotated[indices] if cfg.partial_labels else None)
+    annotated = data.annotated[indices] if cfg.partial_labels else None
+    scores = score_predictions(truth, predictions, data.num_classes, annotated)
+    areas = class_area_report(truth, predictions, data.num_classes, annotated)
+    scores.update({k: float(v) for k, v in area_summary(areas).items()})
     per_class = scores.pop("per_class_dice")
     return {**{f"val_{k}": v for k, v in scores.items()}, "per_class_dice": per_class,
-            "predictions": predictions}
+            "areas": areas, "predictions": predictions}
 
 
 # ==== the run directory ====
@@ -252,6 +256,8 @@ class TrainingRun:
                           if k.startswith(("loss", "val_", "conf")))
         print(f"epoch {epoch + 1}/{cfg.epochs} {values} lr {record['lr']:.2e}"
               f"{' *best*' if improved else ''}")
+        if scores["areas"]["sink"].any() or scores["areas"]["missing"].any():
+            print("  " + format_area_flags(scores["areas"], self.data.class_names))
         if self.stopped:
             print(f"Early stop: no improvement in {cfg.early_stop_patience} evaluations.")
         last = self.stopped or epoch + 1 == cfg.epochs

@@ -448,15 +448,15 @@ def _dice_options(cfg):
             "smooth": float(getattr(cfg, "dice_smooth", 1e-5))}
 
 
-def labeled_area_bounds(cfg, masks, annotated):
+def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
     """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
-    config's `area_quantile` (0.95) and `area_margin` (1.5); None when neither the area
-    constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
+    config's `area_quantile` (0.95) and `area_margin` (1.5), on `device`; None when neither the
+    area constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
     if float(getattr(cfg, "area_weight", 0.0)) <= 0 and not getattr(cfg, "pseudo_area_filter", False):
         return None
     return class_area_bounds(masks, annotated, cfg.num_classes,
                              float(getattr(cfg, "area_quantile", 0.95)),
-                             float(getattr(cfg, "area_margin", 1.5)))
+                             float(getattr(cfg, "area_margin", 1.5))).to(device)
 
 
 def build_loss(cfg, area_bounds=None):
