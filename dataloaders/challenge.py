@@ -1,4 +1,4 @@
-"""The challenge files on disk -> NumPy arrays (SPEC §2.1, §3, §9).
+"""The challenge files on disk -> NumPy arrays (README, Using the challenge data).
 
 A data folder holds `train-images/` (or `train-images.zip`), optionally `test-images/` (or its
 zip), the training labels `y_train.csv` (shipped as `label_Hnl61pT.csv`), and optionally

@@ -1,4 +1,4 @@
-"""The built-in CT phantom: synthetic axial abdominal slices in the challenge layout (SPEC §2.3).
+"""The built-in CT phantom: synthetic axial abdominal slices in the challenge layout (README, The built-in phantom).
 
     python -m dataloaders.phantom --out data/phantom
     python -m dataloaders.phantom --out /tmp/tiny --n_train 40 --n_test 10 --size 128
@@ -672,7 +672,8 @@ def _prepare_folder(out_dir):
 
 def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, size=256, seed=0,
                      p_annotated=0.6, label_format="class", workers=None):
-    """Write the phantom data folder (SPEC §2.1 layout + y_test.csv, classes.yaml) to `out_dir`.
+    """Write the phantom data folder to `out_dir`: the layout of the README's "Using the challenge
+    data", plus y_test.csv and classes.yaml.
 
     Train images are 0..n_train-1 (the first round(labeled_fraction·n_train) carry partial
     labels), test images n_train..n_train+n_test-1. `label_format` `instance` writes structure
@@ -752,7 +753,7 @@ def ensure_phantom(out_dir="data/phantom", **kwargs):
 def main(argv=None):
     defaults = phantom_settings()
     parser = argparse.ArgumentParser(
-        description="Write the built-in CT phantom in the challenge layout (SPEC §2.3).")
+        description="Write the built-in CT phantom in the challenge layout.")
     parser.add_argument("--out", default="data/phantom", help="output folder")
     parser.add_argument("--n_train", type=int, default=defaults["n_train"],
                         help="training images")

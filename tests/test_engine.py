@@ -62,7 +62,7 @@ def test_check_finite_names_the_bad_losses_and_the_last_checkpoint():
     meters = Meters()
     meters.update({"loss": 1.0, "loss_u": torch.tensor(2.0)})
     meters.update({"loss": 3.0, "loss_u": torch.tensor(4.0)})
-    run = SimpleNamespace(meters=meters, epoch=2, dir=Path("runs/x"))
+    run = SimpleNamespace(meters=meters, epoch=2, dir=Path("runs/x"), device=torch.device("cpu"))
     assert TrainingRun.check_finite(run) == {"loss": 2.0, "loss_u": 3.0}
     meters.update({"loss": 1.0, "loss_u": math.inf})
     with pytest.raises(TrainingDiverged,
@@ -76,8 +76,8 @@ def test_a_nan_loss_exits_1_with_one_line_and_keeps_the_last_checkpoint(run_args
     saved = {}
     real_build_loss = train_supervised.build_loss
 
-    def build_poisoned_loss(cfg):
-        loss_fn = real_build_loss(cfg)
+    def build_poisoned_loss(cfg, *args):
+        loss_fn = real_build_loss(cfg, *args)
         real_forward, calls = loss_fn.forward, []
 
         def forward(*args, **kwargs):

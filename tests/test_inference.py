@@ -50,7 +50,7 @@ P = math.exp(2) / (math.exp(2) + 2)
 
 @pytest.mark.parametrize("mode, views", [("shift", 7), ("shift_flip", 14)])
 def test_a_per_pixel_model_predicts_the_same_with_shifted_and_scaled_views(mode, views):
-    # 256 px: the scale views really resample (to 224 and 288 px; sides are multiples of 32)
+    # 256 px: the scale views really resample (to 230 and 282 px)
     image = block_image()
     plain, plain_confidence = predict_slices(PerPixel(), image, 256, NORM, "cpu",
                                              with_confidence=True)

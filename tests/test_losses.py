@@ -5,7 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from utils.config import CONFIG_DIR
 from utils.errors import InputError
 from utils.losses import (
     IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, area_constraint_loss, build_loss,
@@ -359,7 +361,7 @@ def test_zero_ce_acts_on_every_zero_pixel_and_only_with_marginal_losses():
     difference = (weighted(logits, target, ignore, annotated)
                   - plain(logits, target, ignore, annotated)).item()
     assert used.any() and difference == pytest.approx(0.2 * float(minus_log_p0[used].mean()), rel=1e-10)
-    full_labels = SimpleNamespace(loss="dice", zero_ce_weight=0.2)
+    full_labels = SimpleNamespace(loss="dice", zero_ce_weight=0.2, partial_labels=False)
     assert "zero_ce" not in build_loss(full_labels).terms(logits, target, ignore, annotated)
 
 
@@ -447,12 +449,16 @@ def test_composite_is_the_sum_of_its_parts():
 
 
 def test_build_loss_defaults_and_errors():
+    # missing keys take configs/default.yaml's values: loss dice, partial_labels true (marginal)
+    defaults = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
     loss = build_loss(SimpleNamespace())
-    assert loss.name == "dice_ce" and not loss.marginal and loss.background_ce_weight == 1.0
+    assert (loss.name, loss.marginal) == (defaults["loss"], defaults["partial_labels"])
+    assert loss.background_ce_weight == defaults["background_ce_weight"]
+    assert build_loss(SimpleNamespace(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
     with pytest.raises(InputError, match="loss"):
         build_loss(SimpleNamespace(loss="focal"))
     with pytest.raises(InputError, match="num_classes"):
-        build_loss(SimpleNamespace(loss="tvmf_dice"))
+        build_loss(SimpleNamespace(loss="tvmf_dice", num_classes=None))
 
 
 def test_stream_losses():

@@ -14,6 +14,7 @@ against the network's constructor). The help text of a flag is the comment on it
 """
 import argparse
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def read_yaml_chain(path):
         return values, helps
     base_values, base_helps = read_yaml_chain(path.parent / base)
     return merge(base_values, values, source=path, allow_new=True), {**base_helps, **helps}
+
+
+@functools.cache
+def _training_defaults():
+    return read_yaml_chain(CONFIG_DIR / "default.yaml")[0]
+
+
+def training_default(key):
+    """The default of a training key, from configs/default.yaml (for code that is handed a
+    partial config, such as the loss builders in tests and benchmarks)."""
+    return copy.deepcopy(_training_defaults()[key])
 
 
 def _same_type(default, value):

@@ -4,6 +4,7 @@ augmentation, by one network or the mean softmax of several (an ensemble). One f
 during training, `test.py` (single checkpoints, ensembles, out-of-fold scores) and the
 teachers that label unlabeled images, so they all preprocess identically.
 """
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ def predict_probabilities(model, batch, views):
     for dy, dx, scale, flip in views:
         x = batch.flip(-1) if flip else batch
         if scale != 1.0:
-            side = [int(round(s * scale / 32)) * 32 for s in size]
+            side = [int(round(s * scale)) for s in size]  # the networks pad to their stride
             x = F.interpolate(x, size=side, mode="bilinear", align_corners=False)
         logits = model(_shift(x, dy, dx))
         logits = _shift(logits, -dy, -dx)
@@ -77,7 +78,9 @@ class Prediction:
 @contextmanager
 def _evaluating_on(model, device):
     """`model` in eval mode on `device`, then back where it was (device and mode)."""
-    home, was_training = next(model.parameters()).device, model.training
+    state = next(itertools.chain(model.parameters(), model.buffers()), None)
+    home = state.device if state is not None else torch.device(device)  # stateless: anywhere
+    was_training = model.training
     model.to(device).eval()
     try:
         yield model

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.config import training_default
 from utils.errors import InputError
 
 IGNORE_INDEX = 255
@@ -442,51 +443,56 @@ class SupervisedLoss(nn.Module):
         return sum(self.terms(logits, target, ignore, annotated, certain_background).values())
 
 
+def _setting(cfg, key):
+    """`cfg`'s value of `key` (any object with attributes, e.g. a SimpleNamespace), else the
+    training default in configs/default.yaml — the one place defaults are written."""
+    return getattr(cfg, key) if hasattr(cfg, key) else training_default(key)
+
+
 def _dice_options(cfg):
-    return {"include_background": bool(getattr(cfg, "dice_include_background", False)),
-            "squared": bool(getattr(cfg, "dice_squared", False)),
-            "smooth": float(getattr(cfg, "dice_smooth", 1e-5))}
+    return {"include_background": bool(_setting(cfg, "dice_include_background")),
+            "squared": bool(_setting(cfg, "dice_squared")),
+            "smooth": float(_setting(cfg, "dice_smooth"))}
 
 
 def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
     """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
     config's `area_quantile` (0.95) and `area_margin` (1.5), on `device`; None when neither the
     area constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
-    if float(getattr(cfg, "area_weight", 0.0)) <= 0 and not getattr(cfg, "pseudo_area_filter", False):
+    if float(_setting(cfg, "area_weight")) <= 0 and not _setting(cfg, "pseudo_area_filter"):
         return None
     return class_area_bounds(masks, annotated, cfg.num_classes,
-                             float(getattr(cfg, "area_quantile", 0.95)),
-                             float(getattr(cfg, "area_margin", 1.5))).to(device)
+                             float(_setting(cfg, "area_quantile")),
+                             float(_setting(cfg, "area_margin"))).to(device)
 
 
 def build_loss(cfg, area_bounds=None):
-    """The `SupervisedLoss` a config asks for; attributes are read with getattr defaults, so any
-    object (a `types.SimpleNamespace`) works.
+    """The `SupervisedLoss` a config asks for. Keys missing from `cfg` (any object with
+    attributes, e.g. a SimpleNamespace) take the training defaults of configs/default.yaml.
 
-    Keys: loss (one of LOSS_NAMES, default dice_ce), num_classes (needed for tvmf_dice),
-    partial_labels (False; True turns dice/ce/dice_ce into their marginal versions and marginalises
-    tvmf_dice over unannotated classes), dice_squared (False), dice_include_background (False),
-    dice_smooth (1e-5), tvmf_lambda (32.0), exclusion_weight (0.0), background_ce_weight (1.0),
-    zero_ce_weight (0.0: with marginal losses, that weight × plain CE toward background on every
-    0-pixel), area_weight (0.0: weight of the area constraint, which needs `area_bounds (C,)`,
-    from `labeled_area_bounds`).
+    Keys: loss (one of LOSS_NAMES), num_classes, partial_labels (True turns dice/ce/dice_ce into
+    their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
+    dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
+    zero_ce_weight (with marginal losses, that weight × plain CE toward background on every
+    0-pixel), area_weight (the area constraint, which needs `area_bounds (C,)` from
+    `labeled_area_bounds`).
     """
-    name = getattr(cfg, "loss", "dice_ce")
+    name = _setting(cfg, "loss")
     if name not in LOSS_NAMES:
         raise InputError(f"loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
-    marginal = name.startswith("marginal_") or bool(getattr(cfg, "partial_labels", False))
+    marginal = name.startswith("marginal_") or bool(_setting(cfg, "partial_labels"))
     base_name = name.removeprefix("marginal_")
-    num_classes = getattr(cfg, "num_classes", None)
-    area_weight = float(getattr(cfg, "area_weight", 0.0))
+    num_classes = _setting(cfg, "num_classes")
+    area_weight = float(_setting(cfg, "area_weight"))
     if area_weight > 0 and area_bounds is None:
         raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
     if name == "tvmf_dice" and num_classes is None:
         raise InputError("num_classes: required by loss tvmf_dice")
     return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
-                          tvmf_lambda=float(getattr(cfg, "tvmf_lambda", 32.0)),
-                          exclusion_weight=float(getattr(cfg, "exclusion_weight", 0.0)),
-                          background_ce_weight=float(getattr(cfg, "background_ce_weight", 1.0)),
-                          zero_ce_weight=float(getattr(cfg, "zero_ce_weight", 0.0)),
+                          tvmf_lambda=float(_setting(cfg, "tvmf_lambda")),
+                          exclusion_weight=float(_setting(cfg, "exclusion_weight")),
+                          background_ce_weight=float(_setting(cfg, "background_ce_weight")),
+                          zero_ce_weight=float(_setting(cfg, "zero_ce_weight")),
                           area_weight=area_weight, area_bounds=area_bounds)
 
 
@@ -502,7 +508,7 @@ def build_stream_loss(name, cfg=None, area_bounds=None):
     if name not in STREAM_LOSS_NAMES:
         raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
     dice_options = _dice_options(cfg)
-    area_weight = float(getattr(cfg, "area_weight", 0.0))
+    area_weight = float(_setting(cfg, "area_weight"))
 
     def stream_loss(logits, target, ignore=None):
         total = 0

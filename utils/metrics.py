@@ -1,4 +1,4 @@
-"""The challenge metrics, computed exactly as the challenges score (SPEC §4).
+"""The challenge metrics, computed exactly as the challenges score (README, Metrics).
 
 - Per-class Dice (ENS Challenge Data #165): for each image i and class c in 1..C-1,
   Dice = 2|P∩G| / (|P|+|G|), NaN when both are empty; mean over images ignoring NaN (per class),

@@ -96,7 +96,7 @@ def watershed_baseline(images, median_radius=2, marker_threshold=0.02, min_marke
                        compactness=0.001, air_threshold=10):
     """The classical baseline of the 2024 Raidium challenge (#150): regions by marker watershed.
 
-    As described in the challenge's baseline (see seeds/004_tvmf_dice_report.txt, section 3.1):
+    As the 2024 challenge describes its baseline:
     Sobel edges of the image; median filter over a disk; markers where the Sobel gradient of the
     denoised image is low; watershed of the edges from those markers with a compactness term. The
     challenge reports a Rand index of about 0.14 for it. Here the outside air is also set to 0.
