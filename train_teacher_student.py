@@ -10,16 +10,20 @@
 
 - pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a
   teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
-  `--teacher_ckpt`) labels every unlabeled slice; the `n_pseudo` slices it is surest of (mean
-  confidence over its predicted foreground) join the labeled ones, pixels under `conf_thresh`
-  ignored; they are saved in <run>/pseudo_labels/.
+  `--teacher_ckpt`) labels every unlabeled slice; the `pseudo_share` of them it is surest of
+  (mean confidence over its predicted foreground) join the labeled ones (repeated to match),
+  pixels under `conf_thresh` ignored; they are saved in <run>/pseudo_labels/. The student
+  starts from the teacher's weights (`init_student_from_teacher`), so the teacher's training
+  is not thrown away.
 - mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
   the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
 - bcp — Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image Segmentation",
   CVPR 2023, with the dual teacher and edge guidance of Hsu & Hua (2024): labeled slices pasted
   into each other (pre-training), then a labeled box pasted into an unlabeled slice and an unlabeled
-  box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher.
+  box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher
+  (pixels under `conf_thresh` ignored).
+The EMA decay (`ema_alpha` 0) is sized to the run: the teacher averages its last fifth.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w`/`img_u_s1` weak/strong view of an unlabeled slice (same
 geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed
@@ -56,7 +60,7 @@ from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 from utils.teachers import (Renormalized, ema_update, freeze_encoder_stages,
-                            largest_component_labels, sigmoid_rampup)
+                            largest_component_labels, run_length_alpha, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
@@ -94,7 +98,8 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
 
     A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
     Pre-training: labeled slices x_a with the box taken from x_b. Self-training: u_a around a box
-    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`.
+    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`,
+    pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
     """
     half = len(batch_x["image"]) // 2
     x_a, x_b = ({k: v[i * half:(i + 1) * half] for k, v in batch_x.items()} for i in range(2))
@@ -104,7 +109,9 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     else:
         img_u_w = batch_u["image_w"]
         pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(*teachers, img_u_w)
-        # pseudo-labels are complete: each of their 0-pixels is (believed) background
+        # an unsure teacher's argmax is mostly background where it misses an organ: ignore it
+        pseudo = pseudo.masked_fill(conf_u_w < cfg.conf_thresh, IGNORE_INDEX)
+        # the rest is complete: each of their 0-pixels is (believed) background
         u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask != IGNORE_INDEX}
                     for image, mask in zip(img_u_w.chunk(2), pseudo.chunk(2)))
         pairs = [(u_a, x_a), (x_b, u_b)]
@@ -139,6 +146,11 @@ def ramped_consistency_weight(cfg, it):
     return cfg.w_consistency * sigmoid_rampup(ramp)
 
 
+def ema_alpha(cfg, it):
+    """`ema_alpha`, or (0) the decay sized to the run's length (see `run_length_alpha`)."""
+    return cfg.ema_alpha or run_length_alpha(it.total)
+
+
 def pseudo_label_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
     with autocast(m.device, cfg):
@@ -154,7 +166,7 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
         loss, logs = consistency_loss(m.student, m.teacher, batch_x, batch_u, m.loss_sup, cfg,
                                       ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
 
 
@@ -173,7 +185,7 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
         loss, logs = bcp_loss(m.student, (m.teacher, m.static_teacher) if self_training else None,
                               batch_x, batch_u, m.loss_sup, m.loss_stream, cfg, ratio)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
 
 
@@ -211,6 +223,21 @@ def rank_pseudo_labels(labels, confidence, n_keep, conf_thresh):
     kept = order[:n_keep]
     masks = np.where(confidence[kept] < conf_thresh, IGNORE_INDEX, labels[kept]).astype(np.uint8)
     return order, scores, masks
+
+
+def pseudo_label_count(cfg, pool_size):
+    """Unlabeled slices to keep: `n_pseudo`, or (0) the best `pseudo_share` of the pool; at least
+    one, at most the pool."""
+    wanted = cfg.n_pseudo or round(cfg.pseudo_share * pool_size)
+    return min(max(wanted, 1), pool_size)
+
+
+def balanced_joint_set(labeled_set, pseudo_set):
+    """The labeled slices repeated round(pseudo / labeled) times (at least once), then the
+    pseudo-labelled ones: a random batch holds about as many of each, so a large pseudo-labelled
+    set does not drown the ground truth."""
+    repeats = max(1, round(len(pseudo_set) / len(labeled_set)))
+    return ConcatDataset([labeled_set] * repeats + [pseudo_set])
 
 
 def prepare_teacher(cfg, device):
@@ -280,6 +307,12 @@ def check_options(cfg):
     if two_phases and not 0 <= cfg.pretrain_epochs < cfg.epochs:
         raise InputError(f"pretrain_epochs: {cfg.pretrain_epochs} leaves no epoch for the second "
                          f"phase (epochs {cfg.epochs})")
+    if not 0 < cfg.pseudo_share <= 1:
+        raise InputError(f"pseudo_share: {cfg.pseudo_share} is not a share in (0, 1]")
+    if cfg.n_pseudo < 0:
+        raise InputError(f"n_pseudo: {cfg.n_pseudo} is negative")
+    if not 0 <= cfg.ema_alpha < 1:
+        raise InputError(f"ema_alpha: {cfg.ema_alpha} is not a decay in [0, 1) (0 = sized to the run)")
     if cfg.mode == "bcp":
         if cfg.batch_size % 2 or cfg.batch_size_unlabeled not in (0, cfg.batch_size):
             raise InputError(f"batch_size: BCP pairs the halves of a batch, so it needs an even "
@@ -308,15 +341,16 @@ def main(argv=None):
     pseudo_logs = {}
     if cfg.mode == "pseudo_label":
         teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
-        n_keep = min(cfg.n_pseudo or len(split.train), len(pool_indices))
+        n_keep = pseudo_label_count(cfg, len(pool_indices))
         arrays, pseudo_logs = pseudo_label_set(
             teacher, facts, data, pool_images, pool_indices, n_keep, cfg,
             Path(cfg.out_dir) / "pseudo_labels", device)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        joint_set = ConcatDataset([labeled_set, pseudo_set])
+        joint_set = balanced_joint_set(labeled_set, pseudo_set)
         phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
-        iterations = iterations_per_epoch(cfg, len(joint_set), cfg.batch_size)
+        # an epoch: each labeled slice once and as many pseudo-labelled ones, whatever n_keep
+        iterations = iterations_per_epoch(cfg, 2 * len(labeled_set), cfg.batch_size)
         if facts["normalize"] != norm:
             teacher = Renormalized(teacher, norm, facts["normalize"])
     iterations = iterations or iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)

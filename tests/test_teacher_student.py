@@ -19,7 +19,7 @@ from networks.edge import EdgeGuided, forward_with_edges
 from utils.losses import edge_loss, edge_targets
 from utils.errors import InputError
 from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
-                            sigmoid_rampup)
+                            run_length_alpha, sigmoid_rampup)
 
 IGNORE = 255
 
@@ -45,6 +45,22 @@ def test_sigmoid_rampup_values():
     assert math.isclose(sigmoid_rampup(0.0), 0.006737947, rel_tol=1e-6)   # exp(-5)
     assert math.isclose(sigmoid_rampup(0.5), 0.286504797, rel_tol=1e-6)   # exp(-1.25)
     assert sigmoid_rampup(1.0) == 1.0 and sigmoid_rampup(3.0) == 1.0
+
+
+@pytest.mark.parametrize("total_steps, alpha", [
+    (100, 0.95),        # averages the last 20 steps: 1 - 1/20
+    (400, 0.9875),      # the last 80: 1 - 1/80
+    (500, 0.99), (20000, 0.99),     # capped at Tarvainen & Valpola's 0.99
+    (4, 0.0),           # 1 - 1/0.8 < 0: the teacher is the student
+])
+def test_run_length_alpha_averages_the_last_fifth_of_the_run(total_steps, alpha):
+    assert math.isclose(run_length_alpha(total_steps), alpha, abs_tol=1e-12)
+
+
+def test_ema_alpha_zero_means_sized_to_the_run():
+    position = SimpleNamespace(total=400)
+    assert math.isclose(ts.ema_alpha(SimpleNamespace(ema_alpha=0.0), position), 0.9875)
+    assert ts.ema_alpha(SimpleNamespace(ema_alpha=0.9), position) == 0.9
 
 
 # ==== data: the mean teacher's two views ====
@@ -87,6 +103,28 @@ def test_pseudo_label_ranking_keeps_the_top_n_and_ignores_unconfident_pixels():
                          [[IGNORE, IGNORE], [IGNORE, 3]],
                          [[1, 1], [1, 1]]], np.uint8)
     assert masks.dtype == np.uint8 and np.array_equal(masks, expected)
+
+
+@pytest.mark.parametrize("n_pseudo, share, pool, expected", [
+    (0, 0.5, 360, 180),     # half the pool
+    (0, 0.5, 25, 12),       # round(12.5) = 12 (half to even)
+    (0, 0.01, 10, 1),       # round(0.1) = 0, but at least one slice
+    (8, 0.5, 360, 8),       # an explicit count wins
+    (500, 0.5, 360, 360),   # never more than the pool
+])
+def test_pseudo_label_count(n_pseudo, share, pool, expected):
+    cfg = SimpleNamespace(n_pseudo=n_pseudo, pseudo_share=share)
+    assert ts.pseudo_label_count(cfg, pool) == expected
+
+
+@pytest.mark.parametrize("labeled, pseudo, repeats", [(8, 180, 22), (8, 8, 1), (8, 3, 1), (5, 13, 3)])
+def test_balanced_joint_set_repeats_the_labeled_slices(labeled, pseudo, repeats):
+    labeled_set, pseudo_set = [("x", i) for i in range(labeled)], [("u", i) for i in range(pseudo)]
+    joint = ts.balanced_joint_set(labeled_set, pseudo_set)
+    items = [joint[i] for i in range(len(joint))]
+    assert len(items) == repeats * labeled + pseudo
+    assert all(items.count(("x", i)) == repeats for i in range(labeled))
+    assert all(items.count(("u", i)) == 1 for i in range(pseudo))
 
 
 def test_a_loaded_teacher_sees_its_own_normalisation():
@@ -133,7 +171,7 @@ def bcp_batches(n=4, size=16):
 
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
-                              "partial_labels": True, **changes})
+                              "partial_labels": True, "conf_thresh": 0.5, **changes})
 
 
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
@@ -184,6 +222,23 @@ class FixedLogits(nn.Module):
 
     def forward(self, images):
         return self.logits
+
+
+def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 3, 16, 16)          # right half: all logits 0, confidence 1/3
+    logits[:, 2, :, :8] = 12.0                  # left half: class 2, confidence 1/(1+2e^-12)
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    _, logs = ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+                          loss_sup, loss_stream, bcp_cfg(conf_thresh=0.5), ratio=0.5)
+    for call in loss_stream.calls:
+        assert (call["target"][..., :8] == 2).all() and (call["target"][..., 8:] == IGNORE).all()
+    assert math.isclose(logs["pseudo_ignored"].item(), 0.5)
+    loss_stream.calls.clear()                   # threshold 1/3 or less: nothing is ignored
+    ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+                loss_sup, loss_stream, bcp_cfg(conf_thresh=0.3), ratio=0.5)
+    assert all((call["target"] != IGNORE).all() for call in loss_stream.calls)
 
 
 def test_dual_teacher_takes_each_pixel_from_the_more_confident_teacher():
@@ -265,6 +320,9 @@ def workdir(tmp_path, monkeypatch):
     (["--mode", "bcp", "--batch_size", "3", "--pretrain_epochs", "1"], "batch_size: BCP pairs"),
     (["--mode", "bcp", "--pretrain_epochs", "2"], "pretrain_epochs: 2 leaves no epoch"),
     (["--mode", "mean_teacher", "--freeze_encoder_stages", "6"], "freeze_encoder_stages: 6"),
+    (["--mode", "pseudo_label", "--pseudo_share", "0"], "pseudo_share: 0 is not a share"),
+    (["--mode", "pseudo_label", "--n_pseudo", "-1"], "n_pseudo: -1 is negative"),
+    (["--mode", "mean_teacher", "--ema_alpha", "1.0"], "ema_alpha: 1.0 is not a decay"),
 ])
 def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
     with pytest.raises(InputError, match=message):
