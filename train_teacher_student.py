@@ -79,14 +79,17 @@ def edge_logs(loss_edge, cfg):
 
 def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
     """pseudo_label and mean_teacher: supervised loss on the labeled (+ pseudo-labelled) batch and
-    `weight`·MSE between the student's softmax on the strong view and the teacher's on the weak
-    view of the same unlabeled slices. Returns (loss, logs)."""
+    `weight`·squared difference, summed over classes and averaged over pixels, between the
+    student's softmax on the strong view and the teacher's on the weak view of the same unlabeled
+    slices. Returns (loss, logs)."""
     img_x, num_x = batch_x["image"], len(batch_x["image"])
     with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
     logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))
     loss_x = supervised(loss_sup, logits[:num_x], batch_x)
-    loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w)
+    # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than the
+    # supervised one (phantom, 100-step model), so the consistency barely acted
+    loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w) * prob_u_w.shape[1]
     loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
     loss = loss_x + weight * loss_u + loss_edge
     return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,

@@ -224,6 +224,21 @@ class FixedLogits(nn.Module):
         return self.logits
 
 
+def test_consistency_sums_the_squared_difference_over_classes():
+    student_logits = torch.zeros(3, 2, 2, 2)               # 1 labeled + 2 unlabeled slices
+    student_logits[1:, 0] = math.log(3.0)                  # student on unlabeled: (0.75, 0.25)
+    teacher = FixedLogits(torch.zeros(2, 2, 2, 2))         # teacher: (0.5, 0.5)
+    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 2, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    batch_u = {"image_w": torch.zeros(2, 1, 2, 2), "image_s1": torch.zeros(2, 1, 2, 2)}
+    loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
+                                     Recorder(), bcp_cfg(), weight=2.0)
+    # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
+    assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
+    assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
+
+
 def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
     torch.manual_seed(0)
     logits = torch.zeros(4, 3, 16, 16)          # right half: all logits 0, confidence 1/3
