@@ -11,16 +11,20 @@
 
 - pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a
   teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
-  `--teacher_ckpt`) labels every unlabeled slice; the `n_pseudo` slices it is surest of (mean
-  confidence over its predicted foreground) join the labeled ones, pixels under `conf_thresh`
-  ignored; they are saved in <run>/pseudo_labels/.
+  `--teacher_ckpt`) labels every unlabeled slice; the `pseudo_share` of them it is surest of
+  (mean confidence over its predicted foreground) join the labeled ones (repeated to match),
+  pixels under `conf_thresh` ignored; they are saved in <run>/pseudo_labels/. The student
+  starts from the teacher's weights (`init_student_from_teacher`), so the teacher's training
+  is not thrown away.
 - mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
   the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
 - bcp — Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image Segmentation",
   CVPR 2023, with the dual teacher and edge guidance of Hsu & Hua (2024): labeled slices pasted
   into each other (pre-training), then a labeled box pasted into an unlabeled slice and an unlabeled
-  box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher.
+  box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher
+  (pixels under `conf_thresh` ignored).
+The EMA decay (`ema_alpha` 0) is sized to the run: the teacher averages its last fifth.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w`/`img_u_s1` weak/strong view of an unlabeled slice (same
 geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed
@@ -52,13 +56,14 @@ from utils.engine import TrainingRun, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, edge_term, mse_consistency
+from utils.losses import (IGNORE_INDEX, build_loss, build_stream_loss, drop_oversized_pseudo_labels,
+                          edge_term, labeled_area_bounds, mse_consistency)
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 from utils.teachers import (Renormalized, ema_update, freeze_encoder_stages,
-                            largest_component_labels, sigmoid_rampup)
+                            largest_component_labels, run_length_alpha, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 SCHEDULES = ("joint", "pretrain_finetune")
@@ -77,26 +82,31 @@ def edge_logs(loss_edge, cfg):
 
 def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
     """pseudo_label and mean_teacher: supervised loss on the labeled (+ pseudo-labelled) batch and
-    `weight`·MSE between the student's softmax on the strong view and the teacher's on the weak
-    view of the same unlabeled slices. Returns (loss, logs)."""
+    `weight`·squared difference, summed over classes and averaged over pixels, between the
+    student's softmax on the strong view and the teacher's on the weak view of the same unlabeled
+    slices. Returns (loss, logs)."""
     img_x, num_x = batch_x["image"], len(batch_x["image"])
     with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
     logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))
     loss_x = supervised(loss_sup, logits[:num_x], batch_x)
-    loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w)
+    # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than the
+    # supervised one (phantom, 100-step model), so the consistency barely acted
+    loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w) * prob_u_w.shape[1]
     loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
     loss = loss_x + weight * loss_u + loss_edge
     return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,
                   "conf_teacher": prob_u_w.max(1).values.mean(), **edge_logs(loss_edge, cfg)}
 
 
-def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio):
+def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio,
+             area_bounds=None):
     """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
 
     A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
     Pre-training: labeled slices x_a with the box taken from x_b. Self-training: u_a around a box
-    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`.
+    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`,
+    pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
     """
     half = len(batch_x["image"]) // 2
     x_a, x_b = ({k: v[i * half:(i + 1) * half] for k, v in batch_x.items()} for i in range(2))
@@ -106,7 +116,11 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     else:
         img_u_w = batch_u["image_w"]
         pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(*teachers, img_u_w)
-        # pseudo-labels are complete: each of their 0-pixels is (believed) background
+        # an unsure teacher's argmax is mostly background where it misses an organ: ignore it
+        pseudo = pseudo.masked_fill(conf_u_w < cfg.conf_thresh, IGNORE_INDEX)
+        if area_bounds is not None:  # pseudo_area_filter: a class far beyond its plausible area
+            pseudo = drop_oversized_pseudo_labels(pseudo, area_bounds)
+        # the rest is complete: each of their 0-pixels is (believed) background
         u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask != IGNORE_INDEX}
                     for image, mask in zip(img_u_w.chunk(2), pseudo.chunk(2)))
         pairs = [(u_a, x_a), (x_b, u_b)]
@@ -142,6 +156,11 @@ def ramped_consistency_weight(cfg, it):
     return cfg.w_consistency * sigmoid_rampup(ramp)
 
 
+def ema_alpha(cfg, it):
+    """`ema_alpha`, or (0) the decay sized to the run's length (see `run_length_alpha`)."""
+    return cfg.ema_alpha or run_length_alpha(it.total)
+
+
 def pseudo_label_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
     with autocast(m.device, cfg):
@@ -157,7 +176,7 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
         loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
                                      cfg, ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
 
 
@@ -175,9 +194,9 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     with autocast(m.device, cfg):
         loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
                                      else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
-                                     cfg, ratio)
+                                     cfg, ratio, m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, cfg.ema_alpha, it.iteration)
+    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
 
 
@@ -214,6 +233,21 @@ def score_pseudo_labels(labels, confidence, conf_thresh):
     return scores, masks
 
 
+def pseudo_label_count(cfg, pool_size):
+    """Unlabeled slices to keep: `n_pseudo`, or (0) the best `pseudo_share` of the pool; at least
+    one, at most the pool."""
+    wanted = cfg.n_pseudo or round(cfg.pseudo_share * pool_size)
+    return min(max(wanted, 1), pool_size)
+
+
+def balanced_joint_set(labeled_set, pseudo_set):
+    """The labeled slices repeated round(pseudo / labeled) times (at least once), then the
+    pseudo-labelled ones: a random batch holds about as many of each, so a large pseudo-labelled
+    set does not drown the ground truth."""
+    repeats = max(1, round(len(pseudo_set) / len(labeled_set)))
+    return ConcatSlices([labeled_set] * repeats + [pseudo_set])
+
+
 def prepare_teacher(cfg, device):
     """The pseudo_label teacher: `teacher_ckpt`, or else a train_supervised.py run with this run's
     shared keys (data, split, model, loss …) in <run>/teacher/, reused on --resume.
@@ -238,10 +272,13 @@ def prepare_teacher(cfg, device):
 
 
 
-def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device):
+def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device,
+                     area_bounds=None):
     """Label the unlabeled pool, keep the best `n_keep` slices and save them in
     `out_dir`: masks.npy (n, H, W) uint8 (255 = ignored), scores.json, one overlay PNG per kept
-    slice. Returns (arrays for LabeledSlices, logs: mean kept score, count, ignored-pixel share).
+    slice; with `area_bounds (C,)` (pseudo_area_filter) a class covering more of a slice than
+    its bound is ignored there. Returns (arrays for LabeledSlices, logs: mean kept score,
+    count, ignored-pixel share).
     Under torchrun each process labels its share of the pool and all of them gather the rest;
     rank 0 writes the files."""
     images = np.asarray(pool_images[pool_indices])
@@ -255,6 +292,8 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
     scores, masks = (np.concatenate(parts) for parts in zip(*shares))
     order = np.argsort(-scores, kind="stable")  # best first, ties by index
     masks = masks[order[:n_keep]]
+    if area_bounds is not None:
+        masks = drop_oversized_pseudo_labels(torch.from_numpy(masks), area_bounds.cpu()).numpy()
     names = list(data.train_names) + [f"test_{name}" for name in data.test_names]
     kept_names = [names[pool_indices[i]] for i in order[:n_keep]]
     if distributed.is_main():
@@ -290,6 +329,12 @@ def check_options(cfg):
     if two_phases and not 0 <= cfg.pretrain_epochs < cfg.epochs:
         raise InputError(f"pretrain_epochs: {cfg.pretrain_epochs} leaves no epoch for the second "
                          f"phase (epochs {cfg.epochs})")
+    if not 0 < cfg.pseudo_share <= 1:
+        raise InputError(f"pseudo_share: {cfg.pseudo_share} is not a share in (0, 1]")
+    if cfg.n_pseudo < 0:
+        raise InputError(f"n_pseudo: {cfg.n_pseudo} is negative")
+    if not 0 <= cfg.ema_alpha < 1:
+        raise InputError(f"ema_alpha: {cfg.ema_alpha} is not a decay in [0, 1) (0 = sized to the run)")
     if cfg.mode == "bcp":
         if cfg.batch_size % 2 or cfg.batch_size_unlabeled not in (0, cfg.batch_size):
             raise InputError(f"batch_size: BCP pairs the halves of a batch, so it needs an even "
@@ -316,17 +361,21 @@ def main(argv=None):
     phase_sets, iterations = (labeled_set, labeled_set), None
     teacher = teacher_path = teacher_weights = None
     pseudo_logs = {}
+    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
+                                      device)
+    pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
     if cfg.mode == "pseudo_label":
         teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
-        n_keep = min(cfg.n_pseudo or len(split.train), len(pool_indices))
+        n_keep = pseudo_label_count(cfg, len(pool_indices))
         arrays, pseudo_logs = pseudo_label_set(
             teacher, facts, data, pool_images, pool_indices, n_keep, cfg,
-            Path(cfg.out_dir) / "pseudo_labels", device)
+            Path(cfg.out_dir) / "pseudo_labels", device, pseudo_area_bounds)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        joint_set = ConcatSlices([labeled_set, pseudo_set])
+        joint_set = balanced_joint_set(labeled_set, pseudo_set)
         phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
-        iterations = iterations_per_epoch(cfg, len(joint_set), cfg.batch_size)
+        # an epoch: each labeled slice once and as many pseudo-labelled ones, whatever n_keep
+        iterations = iterations_per_epoch(cfg, 2 * len(labeled_set), cfg.batch_size)
         if facts["normalize"] != norm:
             teacher = Renormalized(teacher, norm, facts["normalize"])
     iterations = iterations or iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
@@ -342,7 +391,7 @@ def main(argv=None):
         teacher = modules["teacher"] = copy.deepcopy(student).eval().requires_grad_(False)
     if cfg.mode == "bcp":
         static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
-    loss_sup = build_loss(cfg).to(device)
+    loss_sup = build_loss(cfg, area_bounds).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
     total_iterations = cfg.epochs * iterations
     optimizer, scheduler, scaler = build_optimisation(
@@ -354,7 +403,7 @@ def main(argv=None):
 
     parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
                             loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
-                            scaler=scaler, device=device,
+                            scaler=scaler, device=device, pseudo_area_bounds=pseudo_area_bounds,
                             train_forward=data_parallel(student, device))  # after freezing
     train_step = TRAIN_STEPS[cfg.mode]
 

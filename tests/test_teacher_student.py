@@ -19,7 +19,7 @@ from networks.edge import EdgeGuided, forward_with_edges
 from utils.losses import edge_loss, edge_targets
 from utils.errors import InputError
 from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
-                            sigmoid_rampup)
+                            run_length_alpha, sigmoid_rampup)
 
 IGNORE = 255
 
@@ -45,6 +45,22 @@ def test_sigmoid_rampup_values():
     assert math.isclose(sigmoid_rampup(0.0), 0.006737947, rel_tol=1e-6)   # exp(-5)
     assert math.isclose(sigmoid_rampup(0.5), 0.286504797, rel_tol=1e-6)   # exp(-1.25)
     assert sigmoid_rampup(1.0) == 1.0 and sigmoid_rampup(3.0) == 1.0
+
+
+@pytest.mark.parametrize("total_steps, alpha", [
+    (100, 0.95),        # averages the last 20 steps: 1 - 1/20
+    (400, 0.9875),      # the last 80: 1 - 1/80
+    (500, 0.99), (20000, 0.99),     # capped at Tarvainen & Valpola's 0.99
+    (4, 0.0),           # 1 - 1/0.8 < 0: the teacher is the student
+])
+def test_run_length_alpha_averages_the_last_fifth_of_the_run(total_steps, alpha):
+    assert math.isclose(run_length_alpha(total_steps), alpha, abs_tol=1e-12)
+
+
+def test_ema_alpha_zero_means_sized_to_the_run():
+    position = SimpleNamespace(total=400)
+    assert math.isclose(ts.ema_alpha(SimpleNamespace(ema_alpha=0.0), position), 0.9875)
+    assert ts.ema_alpha(SimpleNamespace(ema_alpha=0.9), position) == 0.9
 
 
 # ==== data: the mean teacher's two views ====
@@ -90,6 +106,28 @@ def test_pseudo_label_scores_and_unconfident_pixels_ignored():
     assert masks.dtype == np.uint8 and np.array_equal(masks, expected)
 
 
+@pytest.mark.parametrize("n_pseudo, share, pool, expected", [
+    (0, 0.5, 360, 180),     # half the pool
+    (0, 0.5, 25, 12),       # round(12.5) = 12 (half to even)
+    (0, 0.01, 10, 1),       # round(0.1) = 0, but at least one slice
+    (8, 0.5, 360, 8),       # an explicit count wins
+    (500, 0.5, 360, 360),   # never more than the pool
+])
+def test_pseudo_label_count(n_pseudo, share, pool, expected):
+    cfg = SimpleNamespace(n_pseudo=n_pseudo, pseudo_share=share)
+    assert ts.pseudo_label_count(cfg, pool) == expected
+
+
+@pytest.mark.parametrize("labeled, pseudo, repeats", [(8, 180, 22), (8, 8, 1), (8, 3, 1), (5, 13, 3)])
+def test_balanced_joint_set_repeats_the_labeled_slices(labeled, pseudo, repeats):
+    labeled_set, pseudo_set = [("x", i) for i in range(labeled)], [("u", i) for i in range(pseudo)]
+    joint = ts.balanced_joint_set(labeled_set, pseudo_set)
+    items = [joint[i] for i in range(len(joint))]
+    assert len(items) == repeats * labeled + pseudo
+    assert all(items.count(("x", i)) == repeats for i in range(labeled))
+    assert all(items.count(("u", i)) == 1 for i in range(pseudo))
+
+
 def test_a_loaded_teacher_sees_its_own_normalisation():
     raw = torch.rand(2, 1, 4, 4)
     ours, its = {"mean": 0.2, "std": 0.5}, {"mean": 0.3, "std": 0.25}
@@ -108,7 +146,7 @@ def bcp_batches(n=4, size=16):
 
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
-                              "partial_labels": True, **changes})
+                              "partial_labels": True, "conf_thresh": 0.5, **changes})
 
 
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
@@ -159,6 +197,56 @@ class FixedLogits(nn.Module):
 
     def forward(self, images):
         return self.logits
+
+
+def test_consistency_sums_the_squared_difference_over_classes():
+    student_logits = torch.zeros(3, 2, 2, 2)               # 1 labeled + 2 unlabeled slices
+    student_logits[1:, 0] = math.log(3.0)                  # student on unlabeled: (0.75, 0.25)
+    teacher = FixedLogits(torch.zeros(2, 2, 2, 2))         # teacher: (0.5, 0.5)
+    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 2, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    batch_u = {"image_w": torch.zeros(2, 1, 2, 2), "image_s1": torch.zeros(2, 1, 2, 2)}
+    loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
+                                     Recorder(), bcp_cfg(), weight=2.0)
+    # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
+    assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
+    assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
+
+
+def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 3, 16, 16)          # right half: all logits 0, confidence 1/3
+    logits[:, 2, :, :8] = 12.0                  # left half: class 2, confidence 1/(1+2e^-12)
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    _, logs = ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+                          loss_sup, loss_stream, bcp_cfg(conf_thresh=0.5), ratio=0.5)
+    for call in loss_stream.calls:
+        assert (call["target"][..., :8] == 2).all() and (call["target"][..., 8:] == IGNORE).all()
+    assert math.isclose(logs["pseudo_ignored"].item(), 0.5)
+    loss_stream.calls.clear()                   # threshold 1/3 or less: nothing is ignored
+    ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+                loss_sup, loss_stream, bcp_cfg(conf_thresh=0.3), ratio=0.5)
+    assert all((call["target"] != IGNORE).all() for call in loss_stream.calls)
+
+
+def test_bcp_area_filter_ignores_a_class_beyond_its_bound():
+    torch.manual_seed(0)
+    logits = torch.zeros(4, 3, 16, 16)
+    logits[:, 2, :, :8] = 12.0                  # class 2 on the left half (area 0.5), sure
+    logits[:, 0, :, 8:] = 12.0                  # background on the right half, sure
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    teachers = (FixedLogits(logits), FixedLogits(logits))
+    ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+                bcp_cfg(conf_thresh=0.5), ratio=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.4]))
+    for call in loss_stream.calls:              # 0.5 > 0.4: class 2 is not taught
+        assert (call["target"][..., :8] == IGNORE).all() and (call["target"][..., 8:] == 0).all()
+    loss_stream.calls.clear()
+    ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+                bcp_cfg(conf_thresh=0.5), ratio=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.6]))
+    assert all((call["target"][..., :8] == 2).all() for call in loss_stream.calls)
 
 
 def test_dual_teacher_takes_each_pixel_from_the_more_confident_teacher():
@@ -232,6 +320,9 @@ def test_edge_targets_against_a_pixel_loop():
     (["--mode", "bcp", "--batch_size", "3", "--pretrain_epochs", "1"], "batch_size: BCP pairs"),
     (["--mode", "bcp", "--pretrain_epochs", "2"], "pretrain_epochs: 2 leaves no epoch"),
     (["--mode", "mean_teacher", "--freeze_encoder_stages", "6"], "freeze_encoder_stages: 6"),
+    (["--mode", "pseudo_label", "--pseudo_share", "0"], "pseudo_share: 0 is not a share"),
+    (["--mode", "pseudo_label", "--n_pseudo", "-1"], "n_pseudo: -1 is negative"),
+    (["--mode", "mean_teacher", "--ema_alpha", "1.0"], "ema_alpha: 1.0 is not a decay"),
 ])
 def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
     with pytest.raises(InputError, match=message):

