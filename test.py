@@ -7,7 +7,9 @@ ensembles).
     python test.py --ckpt runs/fold*/best.pth --tta shift   # several checkpoints: their ensemble
     python test.py --baseline watershed --data data/phantom   # the challenge's classical baseline
 
-Everything about a model and its preprocessing comes from its checkpoint. The validation
+Everything about a model and its preprocessing comes from its checkpoint, its label mode
+included: an instance checkpoint (README, "#150 instance mode") predicts structure ids, scored
+by the Rand index and written as ids in the submission. The validation
 split is rebuilt from the checkpoint's config and scored with the challenge metrics; when the
 data folder has test images, their predictions are written as `submission.csv` next to the
 checkpoint (or `--out`) and read back to check it; when it also has test labels (the phantom's
@@ -31,15 +33,16 @@ from dataloaders.challenge import load_challenge, make_split
 from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, load_config, read_yaml_chain
+from utils.engine import colour_count, score_labels
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, Member, predict_ensemble
-from utils.metrics import (class_area_report, dice_table, format_area_report, format_dice_table,
-                           rand_index, score_predictions)
+from utils.metrics import class_area_report, dice_table, format_area_report, format_dice_table
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
 from utils.runtime import pick_device
 
 SPLITS = ("val", "train", "test", "oof")
+METRIC_NAMES = {"dice": "Dice", "rand": "Rand index"}
 
 
 def checkpoint_arguments(argv):
@@ -173,21 +176,26 @@ def mixed_validation(checkpoints, splits, split_name):
             "cross-validated score of K fold checkpoints")
 
 
+def main_score(data):
+    """The score that ranks predictions: Dice of classes, the Rand index of structure ids."""
+    return "rand" if data.label_mode == "instance" else "dice"
+
+
 def summary_line(scores):
-    return (f"per-class Dice {scores['dice']:.4f} | Rand index {scores['rand']:.4f} | "
-            f"foreground predicted {scores['fg_pred']:.4f} vs true {scores['fg_true']:.4f}")
+    dice = f"per-class Dice {scores['dice']:.4f} | " if "dice" in scores else ""
+    return (f"{dice}Rand index {scores['rand']:.4f} | foreground predicted "
+            f"{scores['fg_pred']:.4f} vs true {scores['fg_true']:.4f}")
 
 
-def report(title, truth, predictions, data, annotated=None, baseline=False):
-    """Print the challenge scores of `predictions` and, for a model, the per-class table.
+def report(title, truth, predictions, data, annotated=None):
+    """Print the challenge scores of `predictions` and, for classes, the per-class table.
 
-    The watershed baseline predicts structure ids, not classes: only its Rand index means
-    anything, so it gets no Dice and no restriction to annotated classes. Returns the scores."""
-    if baseline:
-        print(f"{title}: Rand index {rand_index(truth, predictions):.4f} "
-              "(structure ids: no per-class Dice)")
-        return None
-    scores = score_predictions(truth, predictions, data.num_classes, annotated)
+    Structure ids (instance mode, and the watershed baseline, whose folder is read as ids) get
+    the Rand index only: a per-class Dice of ids means nothing. Returns the scores."""
+    scores = score_labels(truth, predictions, data, annotated)
+    if data.label_mode == "instance":
+        print(f"{title}: {summary_line(scores)} (structure ids: no per-class Dice)")
+        return scores
     print(f"{title}: {summary_line(scores)}")
     print(format_dice_table(dice_table(truth, predictions, data.num_classes), data.class_names))
     areas = class_area_report(truth, predictions, data.num_classes, annotated)
@@ -197,13 +205,13 @@ def report(title, truth, predictions, data, annotated=None, baseline=False):
 
 
 def report_members(checkpoints, member_labels, truth, data, annotated=None):
-    """One score line per ensemble member; returns (best member's Dice, its checkpoint)."""
+    """One score line per ensemble member; returns (best member's main score, its checkpoint)."""
     best = None
     for checkpoint, labels in zip(checkpoints, member_labels):
-        scores = score_predictions(truth, labels, data.num_classes, annotated)
+        scores = score_labels(truth, labels, data, annotated)
         print(f"  member {checkpoint.path}: {summary_line(scores)}")
-        if best is None or scores["dice"] > best[0]:
-            best = (scores["dice"], checkpoint)
+        if best is None or scores[main_score(data)] > best[0]:
+            best = (scores[main_score(data)], checkpoint)
     return best
 
 
@@ -241,7 +249,8 @@ def main(argv=None):
             raise InputError(f"--ckpt: the checkpoints were trained on different data folders "
                              f"({', '.join(roots)}); pass --data")
         facts, first = checkpoints[0].facts, checkpoints[0].path
-        data = load_challenge(cfg.data or roots[0], num_classes=facts["num_classes"])
+        data = load_challenge(cfg.data or roots[0], num_classes=facts["num_classes"],
+                              label_mode=checkpoints[0].label_mode)
         if data.num_classes != facts["num_classes"]:
             raise InputError(f"{first}: trained for {facts['num_classes']} classes, the data in "
                              f"{data.root} has {data.num_classes}")
@@ -256,6 +265,10 @@ def main(argv=None):
         if len(checkpoints) > 1:
             print(f"Ensemble of {len(checkpoints)} checkpoints: mean softmax, each with its own "
                   "preprocessing")
+        if cfg.postprocess and data.label_mode == "instance":
+            raise InputError("--postprocess: cleans class maps per class; the structures of an "
+                             "instance checkpoint are already cleaned by the watershed (small "
+                             "seeds merged, small regions removed)")
 
     def finish(labels):
         if not cfg.postprocess:
@@ -268,7 +281,8 @@ def main(argv=None):
             return watershed_baseline(np.asarray(images)), None
         prediction = predict_ensemble(members, images, device, cfg.batch_size, cfg.tta,
                                       each_member=each_member,
-                                      progress=lambda it: tqdm(it, desc="predict", leave=False))
+                                      progress=lambda it: tqdm(it, desc="predict", leave=False),
+                                      label_mode=data.label_mode)
         member_labels = ([finish(labels) for labels in prediction.member_labels]
                          if each_member else None)
         return finish(prediction.labels), member_labels
@@ -276,7 +290,8 @@ def main(argv=None):
     members = [c.member for c in checkpoints]
     ensemble = len(members) > 1
     partial_labels = all(c.config["partial_labels"] for c in checkpoints)
-    model_note = " (annotated classes only)" if partial_labels and members else ""
+    restricted = partial_labels and members and data.label_mode == "class"  # ids: see report
+    model_note = " (annotated classes only)" if restricted else ""
 
     # ==== score the chosen split ====
     if cfg.split == "test":
@@ -295,8 +310,8 @@ def main(argv=None):
             fold = checkpoint.split(data).val
             rows = np.searchsorted(labeled, fold)
             predictions[rows] = predict([checkpoint.member], data.train_images[fold])[0]
-            scores = score_predictions(truth[rows], predictions[rows], data.num_classes,
-                                       None if annotated is None else annotated[rows])
+            scores = score_labels(truth[rows], predictions[rows], data,
+                                  None if annotated is None else annotated[rows])
             print(f"  fold {checkpoint.fold} ({len(fold)} slices, {checkpoint.path}): "
                   f"{summary_line(scores)}")
         report(f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds)"
@@ -318,7 +333,7 @@ def main(argv=None):
             if ensemble:
                 report_members(checkpoints, member_labels, truth, data, annotated)
             title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
-            report(title + model_note, truth, predictions, data, annotated, baseline=not members)
+            report(title + model_note, truth, predictions, data, annotated)
 
     # ==== test images: submission, and scores when labels exist ====
     summary = []
@@ -338,17 +353,18 @@ def main(argv=None):
             best = (report_members(checkpoints, member_labels, data.test_masks, data)
                     if scored else None)
             scores = report(f"{'ensemble, ' if ensemble else ''}test ({len(data.test_names)} "
-                            "slices, full labels)", data.test_masks, test_predictions, data,
-                            baseline=not members)
+                            "slices, full labels)", data.test_masks, test_predictions, data)
             if best is not None:
-                summary.append(f"test Dice: ensemble {scores['dice']:.4f}, best member "
-                               f"{best[0]:.4f} ({best[1].path})")
+                metric = main_score(data)
+                summary.append(f"test {METRIC_NAMES[metric]}: ensemble {scores[metric]:.4f}, "
+                               f"best member {best[0]:.4f} ({best[1].path})")
         if cfg.save_png and members:
             count = min(cfg.save_png, len(data.test_names))
             png_dir = out_dir / "predictions_png"
             truths = data.test_masks[:count] if data.test_masks is not None else None
             save_overlays(png_dir, data.test_names[:count], data.test_images[:count],
-                          test_predictions[:count], data.num_classes, truths)
+                          test_predictions[:count],
+                          colour_count(data, test_predictions[:count], truths), truths)
             summary.append(f"{count} overlays in {png_dir}/")
     else:
         summary.append(f"no test images in {data.root}, so no submission")

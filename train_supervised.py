@@ -12,7 +12,8 @@ an organ not annotated on this image" (utils/losses.py).
 """
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import forward_with_edges
-from utils.builders import build_network, epoch_loader, iterations_per_epoch, load_data
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
+                            supervised_targets)
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
@@ -61,6 +62,7 @@ def train(cfg):
         model.train()
         loader = epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size)
         for batch in run.steps(loader, iterations, epoch):
+            batch = supervised_targets(batch, cfg)  # instance mode: 3-class targets of the ids
             with autocast(device, cfg):
                 loss, logs = train_forward(train_step, batch)
             optimizer_step(loss, optimizer, scaler, cfg)

@@ -48,11 +48,11 @@ import train_supervised
 from dataloaders.datasets import ConcatSlices, LabeledSlices
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
-                            load_init_weights, semi_supervised_sets)
+                            load_init_weights, semi_supervised_sets, supervised_targets)
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, Config, read_yaml_chain
-from utils.engine import TrainingRun, run_directory
+from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
@@ -115,7 +115,8 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
         pairs = [(x_a, x_b)]
     else:
         img_u_w = batch_u["image_w"]
-        pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(*teachers, img_u_w)
+        pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
+            *teachers, img_u_w, largest_component=cfg.label_mode == "class")
         # an unsure teacher's argmax is mostly background where it misses an organ: ignore it
         pseudo = pseudo.masked_fill(conf_u_w < cfg.conf_thresh, IGNORE_INDEX)
         if area_bounds is not None:  # pseudo_area_filter: a class far beyond its plausible area
@@ -205,15 +206,19 @@ TRAIN_STEPS = {"pseudo_label": pseudo_label_step, "mean_teacher": mean_teacher_s
 
 
 @torch.no_grad()
-def dual_teacher_pseudo_labels(dynamic, static, images):
-    """Per pixel the argmax of the more confident teacher (ties: the dynamic one), then each
-    class's largest component. images [B, C, H, W] -> (pseudo int64 [B, H, W], IGNORE_INDEX off
-    the largest components; confidence [B, H, W]; from_static bool [B, H, W])."""
+def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True):
+    """Per pixel the argmax of the more confident teacher (ties: the dynamic one), then, with
+    `largest_component`, each class's largest component (not in instance mode: its interior
+    class holds every structure, so this would keep one structure). images [B, C, H, W] ->
+    (pseudo int64 [B, H, W], IGNORE_INDEX off the largest components; confidence [B, H, W];
+    from_static bool [B, H, W])."""
     conf_dynamic, label_dynamic = dynamic(images).float().softmax(1).max(1)
     conf_static, label_static = static(images).float().softmax(1).max(1)
     from_static = conf_static > conf_dynamic
     labels = torch.where(from_static, label_static, label_dynamic)
-    return largest_component_labels(labels), torch.maximum(conf_dynamic, conf_static), from_static
+    if largest_component:
+        labels = largest_component_labels(labels)
+    return labels, torch.maximum(conf_dynamic, conf_static), from_static
 
 
 
@@ -266,6 +271,10 @@ def prepare_teacher(cfg, device):
     if state["data"]["num_classes"] != cfg.num_classes:
         raise InputError(f"{path}: the teacher predicts {state['data']['num_classes']} classes, "
                          f"this run has {cfg.num_classes}")
+    teacher_mode = state["config"].get("label_mode", "class")
+    if teacher_mode != cfg.label_mode:
+        raise InputError(f"{path}: the teacher was trained in label_mode {teacher_mode}, this "
+                         f"run has {cfg.label_mode}")
     print(f"Teacher: {path} ({weights} weights)")
     return teacher, path, weights, state["data"]
 
@@ -278,7 +287,9 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
     `out_dir`: masks.npy (n, H, W) uint8 (255 = ignored), scores.json, one overlay PNG per kept
     slice; with `area_bounds (C,)` (pseudo_area_filter) a class covering more of a slice than
     its bound is ignored there. Returns (arrays for LabeledSlices, logs: mean kept score,
-    count, ignored-pixel share).
+    count, ignored-pixel share). In instance mode the masks are the teacher's structure ids (the
+    watershed of validation and test.py; its seeds are the confident interiors), read like
+    labeled masks, so nothing is ignored (255 is an id there) and `conf_thresh` does not apply.
     Under torchrun each process labels its share of the pool and all of them gather the rest;
     rank 0 writes the files."""
     images = np.asarray(pool_images[pool_indices])
@@ -286,14 +297,16 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
     labels, confidence = predict_slices(
         teacher, images[share], facts["img_size"], facts["normalize"], device,
         cfg.eval_batch_size, cfg.tta, with_confidence=True, progress=lambda it: tqdm(
-            it, "pseudo-labels", leave=False, disable=None if distributed.is_main() else True))
-    shares = distributed.all_gather_object(score_pseudo_labels(labels, confidence,
-                                                               cfg.conf_thresh))
+            it, "pseudo-labels", leave=False, disable=None if distributed.is_main() else True),
+        label_mode=cfg.label_mode)
+    conf_thresh = cfg.conf_thresh if cfg.label_mode == "class" else 0  # 0: no pixel under it
+    shares = distributed.all_gather_object(score_pseudo_labels(labels, confidence, conf_thresh))
     scores, masks = (np.concatenate(parts) for parts in zip(*shares))
     order = np.argsort(-scores, kind="stable")  # best first, ties by index
     masks = masks[order[:n_keep]]
     if area_bounds is not None:
         masks = drop_oversized_pseudo_labels(torch.from_numpy(masks), area_bounds.cpu()).numpy()
+    ignored = masks == IGNORE_INDEX if cfg.label_mode == "class" else np.zeros(masks.shape, bool)
     names = list(data.train_names) + [f"test_{name}" for name in data.test_names]
     kept_names = [names[pool_indices[i]] for i in order[:n_keep]]
     if distributed.is_main():
@@ -303,10 +316,11 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
                     "kept": rank < n_keep} for rank, i in enumerate(order)]
         (out_dir / "scores.json").write_text(json.dumps(
             {"conf_thresh": cfg.conf_thresh, "kept": n_keep, "slices": ranking}, indent=1))
-        save_overlays(out_dir / "png", kept_names, images[order[:n_keep]],
-                      np.where(masks == IGNORE_INDEX, 0, masks), data.num_classes)
+        shown = np.where(ignored, 0, masks)
+        save_overlays(out_dir / "png", kept_names, images[order[:n_keep]], shown,
+                      colour_count(data, shown))
     logs = {"conf_pseudo": float(scores[order[:n_keep]].mean()), "pseudo_kept": n_keep,
-            "pseudo_ignored": float((masks == IGNORE_INDEX).mean())}
+            "pseudo_ignored": float(ignored.mean())}
     print(f"Pseudo-labels: kept {n_keep} of {len(images)} unlabeled slices, scores "
           f"{scores[order[n_keep - 1]]:.3f}–{scores[order[0]]:.3f} (mean "
           f"{logs['conf_pseudo']:.3f}); {logs['pseudo_ignored']:.1%} of their pixels under "
@@ -415,6 +429,7 @@ def main(argv=None):
         loaders = zip(epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1))
         for batch_x, batch_u in run.steps(loaders, iterations, epoch):
+            batch_x = supervised_targets(batch_x, cfg)  # instance mode: 3-class targets of the ids
             position = SimpleNamespace(epoch=epoch, iteration=run.iteration,
                                        per_epoch=iterations, total=total_iterations)
             logs = train_step(parts, batch_x, batch_u, position, cfg)

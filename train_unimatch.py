@@ -22,7 +22,7 @@ from utils.losses import (build_loss, build_stream_loss, drop_oversized_pseudo_l
                           labeled_area_bounds)
 from utils.mixing import paste, random_boxes
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
-                            semi_supervised_sets)
+                            semi_supervised_sets, supervised_targets)
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.optim import autocast, build_optimisation, optimizer_step
@@ -117,6 +117,7 @@ def main(argv=None):
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2))
         for batch_x, batch_u, batch_mix in run.steps(loaders, iterations, epoch):
+            batch_x = supervised_targets(batch_x, cfg)  # instance mode: 3-class targets of the ids
             with autocast(device, cfg):
                 loss, logs = train_forward(unimatch_step, batch_x, batch_u, batch_mix, loss_sup,
                                            loss_stream, cfg, warmup=epoch < cfg.warmup_epochs,

@@ -59,7 +59,8 @@ def test_test_py_flags_a_sink_and_a_missing_class(capsys):
     # class 1: 2 true pixels, 7 predicted (3.5x) -> sink; class 2: 4 true, none predicted -> missing
     truth = np.array([[[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], [[2, 2, 2, 2, 0], [0, 0, 0, 0, 0]]])
     predictions = np.array([[[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], [[0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]])
-    data = SimpleNamespace(num_classes=4, class_names={1: "liver", 2: "spleen", 3: "kidney"})
+    data = SimpleNamespace(num_classes=4, class_names={1: "liver", 2: "spleen", 3: "kidney"},
+                           label_mode="class")
     test_script.report("test", truth, predictions, data)
     rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()
             if line.strip().split()[-1:] in (["SINK"], ["MISSING"])}

@@ -146,7 +146,8 @@ def bcp_batches(n=4, size=16):
 
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
-                              "partial_labels": True, "conf_thresh": 0.5, **changes})
+                              "partial_labels": True, "conf_thresh": 0.5, "label_mode": "class",
+                              **changes})
 
 
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():

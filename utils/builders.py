@@ -13,12 +13,14 @@ from networks import MODELS, build_model, model_options
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
+from utils.instances import instance_targets
+from utils.losses import IGNORE_INDEX
 
 
 def load_data(cfg):
     """Data folder -> (ChallengeData, Split, normalisation). Prints the split once."""
     with distributed.main_first():  # rank 0 may write the decoded-image cache the others read
-        data = load_challenge(cfg.data, num_classes=cfg.num_classes)
+        data = load_challenge(cfg.data, num_classes=cfg.num_classes, label_mode=cfg.label_mode)
     cfg.num_classes = data.num_classes
     split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed,
                        folds=cfg.folds, fold=cfg.fold)
@@ -27,6 +29,20 @@ def load_data(cfg):
           f"{data.image_size[1]}x{data.image_size[0]}, {data.num_classes} classes; "
           f"{split_summary(split)}; {len(data.test_names)} test images")
     return data, split, norm
+
+
+def supervised_targets(batch, cfg):
+    """A labeled batch on the device with `mask` as what the network learns: the class ids in
+    class mode (the batch unchanged); in instance mode the background / interior / boundary
+    targets of its structure ids (`utils.instances.instance_targets`), built on the augmented,
+    resized mask so the boundary is `boundary_width` pixels wide where the network predicts. With
+    partial labels its uncertain 0-pixels (maybe an unsegmented structure) become IGNORE_INDEX,
+    which every loss skips, so the training steps need no instance-specific line."""
+    if cfg.label_mode != "instance":
+        return batch
+    target, ignore = instance_targets(batch["mask"], cfg.boundary_width,
+                                      batch["certain_background"] if cfg.partial_labels else None)
+    return {**batch, "mask": target if ignore is None else target.masked_fill(ignore, IGNORE_INDEX)}
 
 
 def network_family(name):

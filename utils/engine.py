@@ -44,7 +44,8 @@ from utils.config import config_to_yaml
 from utils.errors import InputError, TrainingDiverged
 from utils.files import atomic_path
 from utils.inference import predict_slices
-from utils.metrics import area_summary, class_area_report, format_area_flags, score_predictions
+from utils.metrics import (area_summary, class_area_report, format_area_flags, rand_index,
+                           score_predictions)
 from utils.plots import plot_curves, plot_examples
 
 
@@ -75,26 +76,53 @@ def data_facts(cfg, data, split, norm):
     return {"num_classes": data.num_classes, "class_names": data.class_names,
             "img_size": cfg.img_size, "in_channels": cfg.in_channels,
             "image_size": list(data.image_size), "normalize": norm, "root": str(data.root),
+            "label_mode": data.label_mode,
             "split_seed": cfg.split_seed, "labeled_ratio": cfg.labeled_ratio,
             "num_labeled": cfg.num_labeled, "partial_labels": cfg.partial_labels,
             "folds": split.folds, "fold": split.fold,
             "train_indices": split.train.tolist(), "val_indices": split.val.tolist()}
 
 
+def score_labels(truth, predictions, data, annotated=None):
+    """The challenge scores of `predictions (N,H,W)` against `truth` in the data's label mode.
+
+    Class mode: `score_predictions` (only the `annotated (N,C)` classes with partial labels).
+    Instance mode, structure ids: the Rand index and the foreground shares; `per_class_dice` is
+    None (ids are not classes), and partial truths need no restriction (the Rand index reads
+    only the pixels where the truth is non-zero)."""
+    if data.label_mode == "instance":
+        return {"rand": float(rand_index(truth, predictions)),
+                "fg_pred": float((predictions > 0).mean()), "fg_true": float((truth > 0).mean()),
+                "per_class_dice": None}
+    return score_predictions(truth, predictions, data.num_classes, annotated)
+
+
+def colour_count(data, *label_maps):
+    """How many colours draw these label maps (None = absent): the classes, or in instance mode
+    the largest structure id + 1 (the ids of a prediction and of its truth are unrelated)."""
+    if data.label_mode == "instance":
+        return int(max(np.max(labels, initial=0) for labels in label_maps
+                       if labels is not None)) + 1
+    return data.num_classes
+
+
 def evaluate(model, data, indices, cfg, norm, device):
     """Predict and score the training-set slices `indices` (the validation split).
 
-    Returns `val_*` floats (the challenge scores, and `val_worst_area_ratio`,
+    Returns `val_*` floats (the challenge scores, and in class mode `val_worst_area_ratio`,
     `val_sink_classes`, `val_missing_classes` of the per-class area report), `per_class_dice
-    (C,)`, `areas` (the `class_area_report`) and `predictions (N,H,W) uint8`.
+    (C,)` (None in instance mode), `areas` (the `class_area_report`; None in instance mode) and
+    `predictions (N,H,W) uint8` (classes, or structure ids in instance mode).
     """
     images = np.asarray(data.train_images[indices])
     truth = np.asarray(data.train_masks[indices])
-    predictions = predict_slices(model, images, cfg.img_size, norm, device, cfg.eval_batch_size)
+    predictions = predict_slices(model, images, cfg.img_size, norm, device, cfg.eval_batch_size,
+                                 label_mode=data.label_mode)
     annotated = data.annotated[indices] if cfg.partial_labels else None
-    scores = score_predictions(truth, predictions, data.num_classes, annotated)
-    areas = class_area_report(truth, predictions, data.num_classes, annotated)
-    scores.update({k: float(v) for k, v in area_summary(areas).items()})
+    scores, areas = score_labels(truth, predictions, data, annotated), None
+    if data.label_mode == "class":  # structure ids have no class areas
+        areas = class_area_report(truth, predictions, data.num_classes, annotated)
+        scores.update({k: float(v) for k, v in area_summary(areas).items()})
     per_class = scores.pop("per_class_dice")
     return {**{f"val_{k}": v for k, v in scores.items()}, "per_class_dice": per_class,
             "areas": areas, "predictions": predictions}
@@ -256,8 +284,9 @@ class TrainingRun:
                           if k.startswith(("loss", "val_", "conf")))
         print(f"epoch {epoch + 1}/{cfg.epochs} {values} lr {record['lr']:.2e}"
               f"{' *best*' if improved else ''}")
-        if scores["areas"]["sink"].any() or scores["areas"]["missing"].any():
-            print("  " + format_area_flags(scores["areas"], self.data.class_names))
+        areas = scores["areas"]
+        if areas is not None and (areas["sink"].any() or areas["missing"].any()):
+            print("  " + format_area_flags(areas, self.data.class_names))
         if self.stopped:
             print(f"Early stop: no improvement in {cfg.early_stop_patience} evaluations.")
         last = self.stopped or epoch + 1 == cfg.epochs
@@ -269,9 +298,10 @@ class TrainingRun:
         plot_curves(self.history, self.dir / "curves.png")
         count = min(self.cfg.num_examples, len(self.split.val))
         shown = self.split.val[:count]
-        plot_examples(np.asarray(self.data.train_images[shown]),
-                      np.asarray(self.data.train_masks[shown]), predictions[:count],
-                      self.dir / "val_examples.png", self.data.num_classes)
+        truths = np.asarray(self.data.train_masks[shown])
+        plot_examples(np.asarray(self.data.train_images[shown]), truths, predictions[:count],
+                      self.dir / "val_examples.png",
+                      colour_count(self.data, truths, predictions[:count]))
         self.plotted_at = time.time()
 
     def save(self, epoch, is_best):

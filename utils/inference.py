@@ -2,7 +2,10 @@
 augmentation, by one network or the mean softmax of several (an ensemble). One function
 (`predict_ensemble`, of which `predict_slices` is the one-network case) serves validation
 during training, `test.py` (single checkpoints, ensembles, out-of-fold scores) and the
-teachers that label unlabeled images, so they all preprocess identically.
+teachers that label unlabeled images, so they all preprocess identically — and, in instance
+mode (README, "#150 instance mode"), extract structures identically: the mean background /
+interior / boundary probabilities at the file's resolution go through
+`utils.instances.structures_from_probabilities`.
 """
 import itertools
 from contextlib import contextmanager
@@ -12,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataloaders.challenge import LABEL_MODES
 from dataloaders.datasets import normalize, resize
+from utils.instances import structures_from_probabilities
 
 TTA_MODES = ("none", "shift", "flip", "shift_flip")
 
@@ -68,8 +73,9 @@ class Member:
 
 @dataclass
 class Prediction:
-    """`labels (N,H,W) uint8`; `confidence (N,H,W) float32` (max mean probability) and
-    `member_labels (M,N,H,W) uint8` (each member's own argmax) when asked for, else None."""
+    """`labels (N,H,W) uint8` (classes, or structure ids in instance mode); `confidence (N,H,W)
+    float32` (max mean probability) and `member_labels (M,N,H,W) uint8` (each member's own
+    labels) when asked for, else None."""
     labels: np.ndarray
     confidence: np.ndarray | None = None
     member_labels: np.ndarray | None = None
@@ -88,12 +94,21 @@ def _evaluating_on(model, device):
         model.to(home).train(was_training)
 
 
+def labels_from_probabilities(probabilities, label_mode):
+    """`[B,C,H,W]` probabilities -> `(B,H,W)` uint8 NumPy labels: the argmax class in class mode,
+    the structure ids of the seeded watershed in instance mode (C = 3)."""
+    if label_mode == "instance":
+        return structures_from_probabilities(probabilities).astype(np.uint8)  # ids <= 255
+    return probabilities.argmax(1).cpu().numpy().astype(np.uint8)
+
+
 @torch.no_grad()
 def predict_ensemble(members, images, device, batch_size=16, tta="none", with_confidence=False,
-                     each_member=False, progress=None):
-    """Predict class maps for `images (N,H,W) uint8` at their own resolution: the argmax of the
-    mean over `members` of their softmax (each with its own preprocessing and the `tta` views),
-    resized to the file's resolution. Returns a `Prediction`.
+                     each_member=False, progress=None, label_mode="class"):
+    """Predict label maps for `images (N,H,W) uint8` at their own resolution from the mean over
+    `members` of their softmax (each with its own preprocessing and the `tta` views), resized to
+    the file's resolution: its argmax (class mode) or its structures (instance mode: the 3-class
+    probabilities are averaged first, then one watershed). Returns a `Prediction`.
 
     Memory stays that of one network and one batch: for each batch of images the members run
     one after another, each moved to `device` only while it predicts (so the members can wait
@@ -103,6 +118,8 @@ def predict_ensemble(members, images, device, batch_size=16, tta="none", with_co
     """
     if tta not in TTA_MODES:
         raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     views = _tta_views(tta)
     count, height, width = images.shape
     result = Prediction(labels=np.empty((count, height, width), np.uint8))
@@ -122,22 +139,24 @@ def predict_ensemble(members, images, device, batch_size=16, tta="none", with_co
             probabilities = F.interpolate(probabilities, size=(height, width), mode="bilinear",
                                           align_corners=False)
             if each_member:
-                result.member_labels[index, rows] = probabilities.argmax(1).cpu().numpy()
+                result.member_labels[index, rows] = labels_from_probabilities(probabilities,
+                                                                              label_mode)
             total = probabilities if total is None else total.add_(probabilities)
-        best, label = total.div_(len(members)).max(1)
-        result.labels[rows] = label.cpu().numpy()
+        total.div_(len(members))
+        result.labels[rows] = labels_from_probabilities(total, label_mode)
         if with_confidence:
-            result.confidence[rows] = best.cpu().numpy()
+            result.confidence[rows] = total.max(1).values.cpu().numpy()
     return result
 
 
 def predict_slices(model, images, img_size, norm, device, batch_size=16, tta="none",
-                   with_confidence=False, progress=None):
-    """Predict class maps for `images (N,H,W) uint8` at their own resolution with one network.
+                   with_confidence=False, progress=None, label_mode="class"):
+    """Predict label maps (classes, or structure ids in instance mode) for `images (N,H,W) uint8`
+    at their own resolution with one network.
 
     Returns `labels (N,H,W) uint8` and, with `with_confidence`, `confidence (N,H,W) float32`
     (the max softmax probability). The model's mode and device are restored afterwards.
     """
     result = predict_ensemble([Member(model, img_size, norm)], images, device, batch_size, tta,
-                              with_confidence, progress=progress)
+                              with_confidence, progress=progress, label_mode=label_mode)
     return (result.labels, result.confidence) if with_confidence else result.labels

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloaders.challenge import has_challenge_files
+from dataloaders.challenge import LABEL_MODES, has_challenge_files
 from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
 from utils import distributed
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 
-PHANTOM_DIR = Path("data/phantom")
+# the built-in phantom of each label mode: #165 class ids, #150 structure ids (same images)
+PHANTOM_DIRS = {"class": Path("data/phantom"), "instance": Path("data/phantom_instance")}
 
 
 def phantom_preset(script, cfg):
@@ -35,24 +36,54 @@ def phantom_preset(script, cfg):
 def setup(script, argv, description):
     """Resolve the config (phantom preset included), print it once, return it.
 
-    With no challenge files in `data/`, the phantom is generated into `data/phantom` (once).
-    Under torchrun this also joins the process group (utils/distributed.py).
+    With no challenge files in `data/`, the phantom of the label mode is generated into
+    `PHANTOM_DIRS[label_mode]` (once). Under torchrun this also joins the process group
+    (utils/distributed.py).
     """
     cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
     distributed.print_from_main_only()
+    check_label_mode_options(cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
             raise InputError(f"{cfg.data}: no train-images/ folder or train-images.zip")
+        phantom = PHANTOM_DIRS[cfg.label_mode]
         print(f"No challenge files in '{cfg.data}/': using the built-in CT phantom in "
-              f"{PHANTOM_DIR}/ with the phantom preset (configs/phantom.yaml).")
+              f"{phantom}/ with the phantom preset (configs/phantom.yaml).")
         with distributed.main_first():
-            ensure_phantom(PHANTOM_DIR)
-        cfg.data = str(PHANTOM_DIR)
+            ensure_phantom(phantom, label_format=cfg.label_mode)
+        cfg.data = str(phantom)
     elif "_preset" in cfg:
         print(f"'{cfg.data}' is a phantom folder: the phantom preset (configs/phantom.yaml) applies.")
     print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
     return cfg
+
+
+def check_label_mode_options(cfg):
+    """Instance mode (README, "#150 instance mode") trains 3 classes whose ids are not organs:
+    refuse the options that read organ classes, and select best.pth by the Rand index."""
+    if cfg.label_mode not in LABEL_MODES:
+        raise InputError(f"label_mode: unknown '{cfg.label_mode}' (choose "
+                         f"{' or '.join(LABEL_MODES)})")
+    if cfg.label_mode != "instance":
+        return
+    if cfg.edge_guided:  # the boundary class is the edge supervision here; the edge branch's
+        # targets (changes of the target class) would not even mark where two structures touch
+        raise InputError("edge_guided: not in instance mode (the boundary class already learns "
+                         "the structure boundaries)")
+    if cfg.loss == "tvmf_dice":
+        raise InputError("loss: tvmf_dice sets its per-class κ from validation Dice, and instance "
+                         "mode validates by the Rand index; choose dice, ce or dice_ce")
+    if cfg.area_weight > 0 or cfg.pseudo_area_filter:
+        raise InputError("area_weight, pseudo_area_filter: class area bounds mean nothing for "
+                         "per-image structure ids (instance mode)")
+    if cfg.select_metric != "rand":
+        if "select_metric" in cfg.get("_overrides", ()):
+            raise InputError(f"select_metric: instance mode selects by the Rand index of the "
+                             f"structures ('{cfg.select_metric}' is a class score)")
+        print(f"note: instance mode: best.pth is selected by the validation Rand index "
+              f"(select_metric rand, not {cfg.select_metric})")
+        cfg.select_metric = "rand"
 
 
 @functools.cache  # one answer, and one warning, per process
