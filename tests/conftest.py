@@ -91,3 +91,17 @@ class Recorder:
         self.calls.append({"logits": logits, "target": target, "ignore": ignore, **options})
         value = len(self.calls) if self.values is None else self.values[len(self.calls) - 1]
         return logits.sum() * 0 + value
+
+
+def one_line_error(capsys, argv, main=None):
+    """Run a script's `main` (test.py's by default) through `run_cli` on `argv`: it must exit
+    with status 2 and one line on stderr, which is returned."""
+    from utils.errors import run_cli
+    if main is None:
+        import test as test_script
+        main = test_script.main
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import test as test_script
+from conftest import one_line_error
 import train_supervised
 from utils.checkpoint import load_checkpoint
-from utils.errors import run_cli
 
 TINY = ["--config", "configs/tiny.yaml"]
 
@@ -112,14 +112,6 @@ def test_a_failed_write_leaves_the_old_checkpoint_intact(workdir, tiny_phantom, 
         train_supervised.main(common + ["--seed", "1"])
     assert (workdir / "run" / "best.pth").read_bytes() == before
     assert not [p for p in (workdir / "run").iterdir() if p.name.endswith(".tmp")]
-
-
-def one_line_error(capsys, argv, main=test_script.main):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_bad_checkpoints_exit_2_with_one_line(workdir, trained, capsys):

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import test as test_script
+from conftest import one_line_error
 import train_supervised
 from dataloaders import load_challenge, make_split
 from networks import build_model
 from utils.checkpoint import save_checkpoint
-from utils.errors import InputError, run_cli
+from utils.errors import InputError
 from utils.metrics import score_predictions
 
 
@@ -62,14 +63,6 @@ def test_folds_zero_is_the_ratio_split_and_num_labeled_still_restricts(tiny_phan
 def test_bad_fold_arguments(tiny_phantom, folds, fold, message):
     with pytest.raises(InputError, match=message):
         make_split(load_challenge(tiny_phantom), 0.75, folds=folds, fold=fold)
-
-
-def one_line_error(capsys, argv, main=test_script.main):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
 
 
 def test_training_scripts_reject_bad_folds(tiny_phantom, capsys, tmp_path, monkeypatch):
