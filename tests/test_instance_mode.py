@@ -3,6 +3,7 @@ the shared prediction, 2-iteration runs of the three training scripts that test.
 Rand index and writes as ids, the phantom of the mode, and the one-line refusals."""
 import csv
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +17,11 @@ import train_unimatch
 from dataloaders import phantom
 from dataloaders.challenge import load_challenge
 from utils import runtime
+from utils.builders import supervised_targets
 from utils.checkpoint import load_checkpoint
 from utils.errors import run_cli
 from utils.inference import Member, predict_ensemble, predict_slices
+from utils.losses import IGNORE_INDEX
 from utils.metrics import rand_index
 
 TINY = ["--config", "configs/tiny.yaml", "--label_mode", "instance"]
@@ -90,6 +93,29 @@ def test_an_ensemble_averages_the_probabilities_before_the_watershed():
     assert structures == {left.tobytes(), right.tobytes()}
     member_a = result.member_labels[0, 0]
     assert np.array_equal(member_a > 0, left) and len(np.unique(member_a[left])) == 1
+
+
+# ==== the targets every script trains on ====
+def test_supervised_targets_turn_ids_into_three_classes_and_ignore_uncertain_zeros():
+    mask = torch.zeros(1, 6, 6, dtype=torch.long)
+    mask[0, 1:5, 1:5] = 255                       # one structure; 255 is an id, not "ignore"
+    air = torch.zeros(1, 6, 6, dtype=torch.bool)
+    air[0, 0] = True                              # the top row is surely background
+    batch = {"mask": mask, "certain_background": air, "image": torch.zeros(1, 1, 6, 6)}
+    cfg = SimpleNamespace(label_mode="instance", boundary_width=1, partial_labels=True)
+    I = IGNORE_INDEX  # noqa: E741  (one letter keeps the map square)
+    expected = torch.tensor([[0, 0, 0, 0, 0, 0],
+                             [I, 2, 2, 2, 2, I],
+                             [I, 2, 1, 1, 2, I],
+                             [I, 2, 1, 1, 2, I],
+                             [I, 2, 2, 2, 2, I],
+                             [I, I, I, I, I, I]])
+    assert torch.equal(supervised_targets(batch, cfg)["mask"][0], expected)
+    cfg.partial_labels = False                    # full labels: every 0 is background
+    assert torch.equal(supervised_targets(batch, cfg)["mask"][0],
+                       torch.where(expected == I, 0, expected))
+    cfg.label_mode = "class"
+    assert supervised_targets(batch, cfg) is batch
 
 
 # ==== the three scripts in instance mode, scored by test.py ====
