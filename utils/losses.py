@@ -357,6 +357,32 @@ def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
     return torch.where(oversized_pixel.view_as(labels), torch.full_like(labels, ignore_index), labels)
 
 
+def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate=1.0):
+    """Cross-entropy of the label 0 under a model of how partial masks are made: each structure
+    present on a slice is annotated with probability r = `annotation_rate`, independently.
+
+    A 0-pixel is then background (probability 1 of being labelled 0) or a class not annotated on
+    its slice (probability 1 − r), never an annotated class, so its likelihood is
+    p_0 + (1 − r)·Σ_{k unannotated} p_k. Mean of −log likelihood over valid 0-pixels only.
+    r = 0 is the marginal CE of those pixels (no preference between background and an unannotated
+    class); r = 1 is plain CE toward background. In between, an organ predicted on unannotated
+    tissue costs at most −log(1 − r) and loses its gradient once confident, while background
+    always scores higher — the push against "sink" classes without crushing a class that is truly
+    present but unannotated (README, Losses and partial labels). Shapes as
+    `marginal_cross_entropy`; returns a scalar ≥ 0 (0 when no valid 0-pixel).
+    """
+    if not 0.0 <= annotation_rate <= 1.0:
+        raise InputError(f"annotation_rate: must be in [0, 1], got {annotation_rate}")
+    logits, target, valid = _prepare(logits, target, ignore)
+    annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
+    log_weights = torch.zeros(annotated.shape, dtype=logits.dtype, device=logits.device)
+    log_weights.masked_fill_(~annotated, math.log1p(-annotation_rate) if annotation_rate < 1 else -math.inf)
+    log_weights.masked_fill_(annotated, -math.inf)
+    log_weights[:, 0] = 0.0
+    log_likelihood = torch.logsumexp(logits.log_softmax(1) + log_weights[:, :, None, None], dim=1)
+    return _masked_mean(-log_likelihood, valid & (target == 0))
+
+
 # ---------------------------------------------------------------- composite built from the config
 LOSS_NAMES = ("dice", "tvmf_dice", "ce", "dice_ce", "marginal_ce", "marginal_dice", "marginal_dice_ce")
 STREAM_LOSS_NAMES = ("dice", "ce", "dice_ce")
@@ -381,7 +407,7 @@ class SupervisedLoss(nn.Module):
 
     def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
                  exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0,
-                 area_weight=0.0, area_bounds=None):
+                 annotation_rate=1.0, area_weight=0.0, area_bounds=None):
         super().__init__()
         self.area_weight = area_weight
         # a buffer, so checkpoints keep the bounds the run trained with; None (not saved) when off
@@ -392,6 +418,7 @@ class SupervisedLoss(nn.Module):
         self.exclusion_weight = exclusion_weight
         self.background_ce_weight = background_ce_weight
         self.zero_ce_weight = zero_ce_weight
+        self.annotation_rate = annotation_rate
         self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
 
     def area_term(self, logits, ignore=None):
@@ -428,10 +455,9 @@ class SupervisedLoss(nn.Module):
             background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
             terms["background_ce"] = self.background_ce_weight * cross_entropy(logits, background, excluded)
         if self.marginal and self.zero_ce_weight > 0:
-            # a weak prior that a 0-pixel is background, against the marginal-loss trap inside the body
-            not_zero = target != 0 if ignore is None else ignore.bool() | (target != 0)
-            terms["zero_ce"] = self.zero_ce_weight * cross_entropy(logits, torch.zeros_like(target),
-                                                                   not_zero)
+            # the marginal losses never prefer background inside the body: the annotation model does
+            terms["zero_ce"] = self.zero_ce_weight * zero_pixel_loss(logits, target, annotated, ignore,
+                                                                     self.annotation_rate)
         terms.update(self.area_term(logits, ignore))
         return terms
 
@@ -473,8 +499,8 @@ def build_loss(cfg, area_bounds=None):
     Keys: loss (one of LOSS_NAMES), num_classes, partial_labels (True turns dice/ce/dice_ce into
     their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
     dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
-    zero_ce_weight (with marginal losses, that weight × plain CE toward background on every
-    0-pixel), area_weight (the area constraint, which needs `area_bounds (C,)` from
+    zero_ce_weight and annotation_rate (with marginal losses, that weight × `zero_pixel_loss` on
+    every 0-pixel), area_weight (the area constraint, which needs `area_bounds (C,)` from
     `labeled_area_bounds`).
     """
     name = _setting(cfg, "loss")
@@ -493,6 +519,7 @@ def build_loss(cfg, area_bounds=None):
                           exclusion_weight=float(_setting(cfg, "exclusion_weight")),
                           background_ce_weight=float(_setting(cfg, "background_ce_weight")),
                           zero_ce_weight=float(_setting(cfg, "zero_ce_weight")),
+                          annotation_rate=float(_setting(cfg, "annotation_rate")),
                           area_weight=area_weight, area_bounds=area_bounds)
 
 
