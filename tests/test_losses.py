@@ -13,7 +13,7 @@ from utils.losses import (
     IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, area_constraint_loss, build_loss,
     build_stream_loss, class_area_bounds, class_area_statistics, cross_entropy, dice_loss,
     drop_oversized_pseudo_labels, exclusion_loss, labeled_area_bounds, marginal_cross_entropy,
-    marginal_dice_loss, mse_consistency)
+    marginal_dice_loss, mse_consistency, zero_pixel_loss)
 
 B, C, H, W = 2, 4, 5, 6
 
@@ -356,13 +356,48 @@ def test_zero_ce_acts_on_every_zero_pixel_and_only_with_marginal_losses():
     logits, target, ignore, annotated = random_batch(9)
     used = (target == 0) & ~ignore
     minus_log_p0 = -(logits[:, 0] - logits.exp().sum(1).log())
-    plain = build_loss(SimpleNamespace(loss="marginal_dice"))
-    weighted = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.2))
+    plain = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.0))
+    weighted = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.2, annotation_rate=1.0))
     difference = (weighted(logits, target, ignore, annotated)
                   - plain(logits, target, ignore, annotated)).item()
     assert used.any() and difference == pytest.approx(0.2 * float(minus_log_p0[used].mean()), rel=1e-10)
     full_labels = SimpleNamespace(loss="dice", zero_ce_weight=0.2, partial_labels=False)
     assert "zero_ce" not in build_loss(full_labels).terms(logits, target, ignore, annotated)
+
+
+def test_zero_pixel_loss_by_hand():
+    # one 0-pixel with probabilities (1/4, 1/4, 1/2); class 1 annotated (the other pixel), class 2 not
+    logits = torch.tensor([0.0, 0.0, math.log(2.0)]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    annotated = torch.tensor([[True, True, False]])
+    # likelihood of the 0: p_0 + (1 - r)·p_2 (class 1 is annotated, so it cannot hide under a 0)
+    for rate, likelihood in ((0.0, 0.75), (0.5, 0.5), (1.0, 0.25)):
+        value = zero_pixel_loss(logits, target, annotated, annotation_rate=rate)
+        assert value.item() == pytest.approx(-math.log(likelihood), rel=1e-6)
+    # the labelled pixel and ignored 0-pixels contribute nothing
+    ignore = torch.tensor([[[True, False]]])
+    assert zero_pixel_loss(logits, target, annotated, ignore, annotation_rate=0.5).item() == 0.0
+
+
+def test_zero_pixel_loss_stops_pushing_a_confident_unannotated_class_unless_rate_is_one():
+    logits = torch.tensor([0.0, 0.0, 12.0]).view(1, 3, 1, 1)
+    target = torch.zeros(1, 1, 1, dtype=torch.long)
+    annotated = torch.tensor([[True, True, False]])
+
+    def gradient(rate):
+        x = logits.clone().requires_grad_()
+        zero_pixel_loss(x, target, annotated, annotation_rate=rate).backward()
+        return x.grad.flatten()
+
+    # d/dz_k −log(p_0 + w·p_2) = p_k·(1 − w_k/q) with w = (1, 0, 1 − r): hand values at p_2 ≈ 1
+    p = torch.softmax(logits.flatten().double(), 0)
+    for rate in (0.5, 1.0):
+        weights = torch.tensor([1.0, 0.0, 1.0 - rate], dtype=torch.float64)
+        q = (p * weights).sum()
+        assert torch.allclose(gradient(rate).double(), p * (1 - weights / q), atol=1e-6)
+    assert gradient(0.5).abs().max() < 1e-4 and gradient(1.0)[2] > 0.99
+    with pytest.raises(InputError, match="annotation_rate"):
+        zero_pixel_loss(logits, target, annotated, annotation_rate=1.5)
 
 
 # ----------------------------------------------------------------- degenerate inputs
@@ -417,7 +452,7 @@ def test_float16_inputs_are_upcast():
 ])
 def test_build_loss_maps_every_name(name, partial, expected_terms):
     assert name in LOSS_NAMES
-    loss = build_loss(SimpleNamespace(loss=name, partial_labels=partial, num_classes=C))
+    loss = build_loss(SimpleNamespace(loss=name, partial_labels=partial, num_classes=C, zero_ce_weight=0.0))
     assert isinstance(loss, SupervisedLoss) and isinstance(loss, torch.nn.Module)
     logits, target, ignore, annotated = random_batch(12)
     terms = loss.terms(logits, target, ignore, annotated)
@@ -438,12 +473,13 @@ def test_composite_is_the_sum_of_its_parts():
     certain[:, -1, :] = True
     cfg = SimpleNamespace(loss="dice_ce", partial_labels=True, num_classes=C, dice_squared=True,
                           dice_include_background=True, dice_smooth=1e-3, exclusion_weight=0.5,
-                          background_ce_weight=0.3)
+                          background_ce_weight=0.3, zero_ce_weight=0.2, annotation_rate=0.5)
     options = {"include_background": True, "squared": True, "smooth": 1e-3}
     expected = (marginal_dice_loss(logits, target, annotated, ignore, **options)
                 + marginal_cross_entropy(logits, target, annotated, ignore)
                 + 0.5 * exclusion_loss(logits, target, annotated, ignore, smooth=1e-3)
-                + 0.3 * cross_entropy(logits, torch.zeros_like(target), ignore | ~certain))
+                + 0.3 * cross_entropy(logits, torch.zeros_like(target), ignore | ~certain)
+                + 0.2 * zero_pixel_loss(logits, target, annotated, ignore, annotation_rate=0.5))
     value = build_loss(cfg)(logits, target, ignore, annotated, certain_background=certain)
     assert float(value) == pytest.approx(float(expected), rel=1e-12)
 
@@ -454,6 +490,7 @@ def test_build_loss_defaults_and_errors():
     loss = build_loss(SimpleNamespace())
     assert (loss.name, loss.marginal) == (defaults["loss"], defaults["partial_labels"])
     assert loss.background_ce_weight == defaults["background_ce_weight"]
+    assert (loss.zero_ce_weight, loss.annotation_rate) == (defaults["zero_ce_weight"], defaults["annotation_rate"])
     assert build_loss(SimpleNamespace(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
     with pytest.raises(InputError, match="loss"):
         build_loss(SimpleNamespace(loss="focal"))
