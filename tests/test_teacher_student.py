@@ -16,7 +16,7 @@ import train_teacher_student as ts
 from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intensity_augmentation
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
-from utils.losses import edge_loss, edge_targets
+from utils.losses import build_stream_loss, edge_loss, edge_targets
 from utils.errors import InputError
 from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
                             run_length_alpha, sigmoid_rampup)
@@ -209,10 +209,39 @@ def test_consistency_sums_the_squared_difference_over_classes():
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
     batch_u = {"image_w": torch.zeros(2, 1, 2, 2), "image_s1": torch.zeros(2, 1, 2, 2)}
     loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
-                                     Recorder(), bcp_cfg(), weight=2.0)
+                                     Recorder(), Recorder(), bcp_cfg(), weight=2.0)
     # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
     assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
     assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
+
+
+def test_pseudo_labelled_slices_are_complete_labels_and_ground_truth_stays_partial():
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[0, 1] = 10.0                     # labeled slice: would change the CE if it counted
+    logits[1, 2] = math.log(2.0)            # pseudo-labelled slice: p = (1/4, 1/4, 1/2)
+    batch_x = {"mask": torch.tensor([[[1, 0], [0, 0]], [[0, 0], [2, IGNORE]]]),
+               "annotated": torch.tensor([[True, True, False], [True, True, True]]),
+               "certain_background": torch.ones(2, 2, 2, dtype=torch.bool),
+               "pseudo_labelled": torch.tensor([False, True])}
+    loss_sup = Recorder()
+    loss = ts.labeled_and_pseudo(loss_sup, build_stream_loss("ce"), logits, batch_x)
+    # CE over the pseudo-labelled slice only: two 0-pixels (background) at -log(1/4), one
+    # class-2 pixel at -log(1/2), the unsure pixel ignored: (2·log 4 + log 2) / 3 = 5/3·log 2
+    assert math.isclose(loss.item(), 1 + 5 / 3 * math.log(2), rel_tol=1e-6)
+    (call,) = loss_sup.calls                # the ground truth: row 0 only, its annotation kept
+    assert call["ignore"][:, 0, 0].tolist() == [False, True] and call["ignore"].all((1, 2)).tolist() == [False, True]
+    assert call["annotated"].tolist() == [[True, True, False], [False, False, False]]
+    assert call["certain_background"].all((1, 2)).tolist() == [True, False]
+    assert not call["certain_background"][1].any()
+
+
+def test_a_batch_without_pseudo_labels_is_all_ground_truth():
+    batch_x = {"mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 3, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    loss_sup, loss_stream = Recorder(), Recorder()
+    ts.labeled_and_pseudo(loss_sup, loss_stream, torch.zeros(1, 3, 2, 2), batch_x)
+    assert len(loss_sup.calls) == 1 and loss_sup.calls[0]["ignore"] is None and not loss_stream.calls
 
 
 def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
