@@ -29,16 +29,20 @@ IGNORE = 255
 def test_ema_update_follows_the_formula(step, decay):
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    student(torch.randn(8, 3))                      # move the BatchNorm running statistics
-    teacher = copy.deepcopy(student)
+    teacher = copy.deepcopy(student)                # BatchNorm statistics: mean 0, variance 1
+    student(torch.randn(8, 3))                      # move the student's running statistics
     for parameter in teacher.parameters():
         parameter.data.normal_()
     before = [p.detach().clone() for p in teacher.parameters()]
     ema_update(teacher, student, alpha=0.99, step=step)
     for old, new, current in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(new, decay * old + (1 - decay) * current, atol=1e-7)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
-        assert torch.equal(teacher_buffer, student_buffer)   # BatchNorm statistics are copied
+    bn_teacher, bn_student = teacher[1], student[1]
+    # running statistics averaged like the weights: the teacher's started at mean 0, variance 1
+    assert torch.allclose(bn_teacher.running_mean, (1 - decay) * bn_student.running_mean, atol=1e-7)
+    assert torch.allclose(bn_teacher.running_var, decay + (1 - decay) * bn_student.running_var,
+                          atol=1e-7)
+    assert bn_teacher.num_batches_tracked == bn_student.num_batches_tracked == 1   # copied
 
 
 def test_sigmoid_rampup_values():
