@@ -64,7 +64,7 @@ from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
-from utils.teachers import (Renormalized, ema_update, freeze_encoder_stages,
+from utils.teachers import (OwnStatistics, Renormalized, ema_update, freeze_encoder_stages,
                             largest_component_labels, run_length_alpha, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
@@ -449,6 +449,8 @@ def main(argv=None):
                        "scaler": scaler}, data, split, norm, device,
                       validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
 
+    if cfg.mode != "pseudo_label":  # the EMA teacher tracks its own BatchNorm statistics
+        teacher = OwnStatistics(teacher)
     parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
                             loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
                             scaler=scaler, device=device, pseudo_area_bounds=pseudo_area_bounds,

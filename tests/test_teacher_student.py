@@ -18,7 +18,7 @@ from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
 from utils.losses import build_stream_loss, edge_loss, edge_targets
 from utils.errors import InputError
-from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
+from utils.teachers import (OwnStatistics, ema_update, freeze_encoder_stages, largest_component_labels,
                             run_length_alpha, sigmoid_rampup)
 
 IGNORE = 255
@@ -37,12 +37,20 @@ def test_ema_update_follows_the_formula(step, decay):
     ema_update(teacher, student, alpha=0.99, step=step)
     for old, new, current in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(new, decay * old + (1 - decay) * current, atol=1e-7)
-    bn_teacher, bn_student = teacher[1], student[1]
-    # running statistics averaged like the weights: the teacher's started at mean 0, variance 1
-    assert torch.allclose(bn_teacher.running_mean, (1 - decay) * bn_student.running_mean, atol=1e-7)
-    assert torch.allclose(bn_teacher.running_var, decay + (1 - decay) * bn_student.running_var,
-                          atol=1e-7)
-    assert bn_teacher.num_batches_tracked == bn_student.num_batches_tracked == 1   # copied
+    bn_teacher = teacher[1]                         # its own statistics, untouched
+    assert torch.equal(bn_teacher.running_mean, torch.zeros(2))
+    assert torch.equal(bn_teacher.running_var, torch.ones(2))
+
+
+def test_the_ema_teacher_tracks_its_own_batchnorm_statistics():
+    teacher = nn.Sequential(nn.BatchNorm1d(1)).eval()
+    batch = torch.tensor([[1.0], [3.0]])            # mean 2, unbiased variance 2
+    out = OwnStatistics(teacher)(batch)
+    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 1.0]), atol=1e-4)   # batch statistics
+    # momentum 0.1 from mean 0, variance 1: 0.1·2 and 0.9·1 + 0.1·2
+    assert math.isclose(teacher[0].running_mean.item(), 0.2, rel_tol=1e-6)
+    assert math.isclose(teacher[0].running_var.item(), 1.1, rel_tol=1e-6)
+    assert not teacher.training and not teacher[0].training                    # still evaluating
 
 
 def test_sigmoid_rampup_values():
