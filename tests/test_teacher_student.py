@@ -140,6 +140,27 @@ def test_balanced_joint_set_repeats_the_labeled_slices(labeled, pseudo, repeats)
     assert all(items.count(("u", i)) == 1 for i in range(pseudo))
 
 
+def test_the_student_continues_its_teachers_adamw_moments(tmp_path):
+    from utils.checkpoint import FORMAT
+    teacher = nn.Linear(2, 1, bias=False)
+    teacher_optimizer = torch.optim.AdamW(teacher.parameters(), lr=0.1)
+    teacher.weight.grad = torch.tensor([[2.0, -4.0]])
+    teacher_optimizer.step()
+    torch.save({"format": FORMAT, "optimizer": teacher_optimizer.state_dict()}, tmp_path / "t.pth")
+    student = nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.002)
+    assert ts.continue_teacher_optimizer(optimizer, tmp_path / "t.pth", "model")
+    (state,) = optimizer.state.values()
+    # one step: m = (1 − 0.9)·g, v = (1 − 0.999)·g², step 1; this run's rate stays
+    assert torch.allclose(state["exp_avg"], torch.tensor([[0.2, -0.4]]))
+    assert torch.allclose(state["exp_avg_sq"], torch.tensor([[0.004, 0.016]]))
+    assert state["step"] == 1 and optimizer.param_groups[0]["lr"] == 0.002
+    fresh = torch.optim.AdamW(student.parameters(), lr=0.002)      # an EMA teacher's weights
+    assert not ts.continue_teacher_optimizer(fresh, tmp_path / "t.pth", "teacher") and not fresh.state
+    other = torch.optim.AdamW([nn.Parameter(torch.zeros(1)), *student.parameters()])
+    assert not ts.continue_teacher_optimizer(other, tmp_path / "t.pth", "model")  # other parameters
+
+
 def test_a_loaded_teacher_sees_its_own_normalisation():
     raw = torch.rand(2, 1, 4, 4)
     ours, its = {"mean": 0.2, "std": 0.5}, {"mean": 0.3, "std": 0.25}
