@@ -13,9 +13,10 @@
   teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
   `--teacher_ckpt`) labels every unlabeled slice; the `pseudo_share` of them it is surest of
   (mean confidence over its predicted foreground) join the labeled ones (repeated to match),
-  pixels under `conf_thresh` ignored; they are saved in <run>/pseudo_labels/. The student
-  starts from the teacher's weights (`init_student_from_teacher`), so the teacher's training
-  is not thrown away.
+  pixels under `conf_thresh` ignored; they are saved in <run>/pseudo_labels/. They are complete
+  labels, trained with `stream_loss` (Dice + CE: a 0-pixel is background), the labeled slices
+  with the supervised loss. The student starts from the teacher's weights
+  (`init_student_from_teacher`), so the teacher's training is not thrown away.
 - mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
   the strong view and the teacher's on the weak view of the same unlabeled slices (w ramped up).
@@ -42,6 +43,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import train_supervised
@@ -62,7 +64,7 @@ from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
-from utils.teachers import (Renormalized, ema_update, freeze_encoder_stages,
+from utils.teachers import (OwnStatistics, Renormalized, ema_update, freeze_encoder_stages,
                             largest_component_labels, run_length_alpha, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
@@ -76,12 +78,29 @@ def supervised(loss_sup, logits, source, ignore=None):
                     certain_background=source["certain_background"])
 
 
+def labeled_and_pseudo(loss_sup, loss_stream, logits, batch_x):
+    """The loss of a batch that may mix ground truth and pseudo-labels (`pseudo_labelled` [B]):
+    ground-truth slices through the supervised, partial-label loss; pseudo-labelled ones, which
+    are complete (255 where the teacher was unsure), through `loss_stream` (plain Dice + CE), so
+    their 0-pixels teach background. Through the marginal Dice alone a 0-pixel says "background
+    or unannotated" and a class absent from the slice gets no gradient: the teacher's sinks
+    stayed sinks (README, Results on the phantom)."""
+    pseudo = batch_x.get("pseudo_labelled")
+    if pseudo is None:
+        return supervised(loss_sup, logits, batch_x)
+    pseudo_pixels = pseudo.view(-1, 1, 1).expand_as(batch_x["mask"])
+    labeled = {"mask": batch_x["mask"], "annotated": batch_x["annotated"] & ~pseudo[:, None],
+               "certain_background": batch_x["certain_background"] & ~pseudo_pixels}
+    return (supervised(loss_sup, logits, labeled, ignore=pseudo_pixels)
+            + loss_stream(logits, batch_x["mask"], ~pseudo_pixels))
+
+
 def edge_logs(loss_edge, cfg):
     return {"loss_edge": loss_edge} if cfg.edge_guided else {}
 
 
-def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
-    """pseudo_label and mean_teacher: supervised loss on the labeled (+ pseudo-labelled) batch and
+def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, cfg, weight):
+    """pseudo_label and mean_teacher: `labeled_and_pseudo` on the labeled (+ pseudo-labelled) batch and
     `weight`·squared difference, summed over classes and averaged over pixels, between the
     student's softmax on the strong view and the teacher's on the weak view of the same unlabeled
     slices. Returns (loss, logs)."""
@@ -89,7 +108,7 @@ def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, cfg, weight):
     with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
     logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))
-    loss_x = supervised(loss_sup, logits[:num_x], batch_x)
+    loss_x = labeled_and_pseudo(loss_sup, loss_stream, logits[:num_x], batch_x)
     # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than the
     # supervised one (phantom, 100-step model), so the consistency barely acted
     loss_u = mse_consistency(logits[num_x:].float().softmax(1), prob_u_w) * prob_u_w.shape[1]
@@ -166,7 +185,7 @@ def pseudo_label_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
     with autocast(m.device, cfg):
         loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     cfg, ramped_consistency_weight(cfg, it))
+                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     return logs
 
@@ -175,7 +194,7 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss, ramped MSE to the EMA teacher, then the teacher follows the student."""
     with autocast(m.device, cfg):
         loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     cfg, ramped_consistency_weight(cfg, it))
+                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it))
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
@@ -243,6 +262,20 @@ def pseudo_label_count(cfg, pool_size):
     one, at most the pool."""
     wanted = cfg.n_pseudo or round(cfg.pseudo_share * pool_size)
     return min(max(wanted, 1), pool_size)
+
+
+class SourceTagged(Dataset):
+    """`dataset`'s items with `pseudo_labelled` = `flag` added, so that a batch of the joint set
+    says which of its slices carry (complete) pseudo-labels (`labeled_and_pseudo`)."""
+
+    def __init__(self, dataset, flag):
+        self.dataset, self.flag = dataset, torch.tensor(flag)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        return {**self.dataset[item], "pseudo_labelled": self.flag}
 
 
 def balanced_joint_set(labeled_set, pseudo_set):
@@ -330,6 +363,23 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
     return arrays, logs
 
 
+def continue_teacher_optimizer(optimizer, path, weights):
+    """A student that starts from a teacher's weights also takes the AdamW moments (and step
+    counts) its teacher ended with, the learning rate and the other settings staying this run's:
+    a fresh AdamW's first steps at the full rate knocked row P's validation Dice from 0.25 to
+    0.06 (README, Results on the phantom). Only for the checkpoint's own student weights
+    ("model") and the same trainable parameters; returns whether the moments were taken."""
+    saved = load_checkpoint(path).get("optimizer") if weights == "model" else None
+    current = optimizer.state_dict()
+    if saved is None or [len(g["params"]) for g in saved["param_groups"]] != [
+            len(g["params"]) for g in current["param_groups"]]:
+        return False
+    groups = [{**group, "params": old["params"]}
+              for group, old in zip(current["param_groups"], saved["param_groups"])]
+    optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
+    return True
+
+
 # ==== options ====
 def check_options(cfg):
     if cfg.mode not in MODES:
@@ -386,7 +436,8 @@ def main(argv=None):
             Path(cfg.out_dir) / "pseudo_labels", device, pseudo_area_bounds)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        joint_set = balanced_joint_set(labeled_set, pseudo_set)
+        pseudo_set = SourceTagged(pseudo_set, True)
+        joint_set = balanced_joint_set(SourceTagged(labeled_set, False), pseudo_set)
         phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
         # an epoch: each labeled slice once and as many pseudo-labelled ones, whatever n_keep
         iterations = iterations_per_epoch(cfg, 2 * len(labeled_set), cfg.batch_size)
@@ -410,11 +461,15 @@ def main(argv=None):
     total_iterations = cfg.epochs * iterations
     optimizer, scheduler, scaler = build_optimisation(
         cfg, [p for p in student.parameters() if p.requires_grad], total_iterations, device)
+    if cfg.init_student_from_teacher and teacher_path and not cfg.resume:
+        continue_teacher_optimizer(optimizer, teacher_path, teacher_weights)
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
                       {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
                        "scaler": scaler}, data, split, norm, device,
                       validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
 
+    if cfg.mode != "pseudo_label":  # the EMA teacher tracks its own BatchNorm statistics
+        teacher = OwnStatistics(teacher)
     parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
                             loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
                             scaler=scaler, device=device, pseudo_area_bounds=pseudo_area_bounds,

@@ -16,9 +16,9 @@ import train_teacher_student as ts
 from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intensity_augmentation
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
-from utils.losses import edge_loss, edge_targets
+from utils.losses import build_stream_loss, edge_loss, edge_targets
 from utils.errors import InputError
-from utils.teachers import (ema_update, freeze_encoder_stages, largest_component_labels,
+from utils.teachers import (OwnStatistics, ema_update, freeze_encoder_stages, largest_component_labels,
                             run_length_alpha, sigmoid_rampup)
 
 IGNORE = 255
@@ -29,16 +29,28 @@ IGNORE = 255
 def test_ema_update_follows_the_formula(step, decay):
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    student(torch.randn(8, 3))                      # move the BatchNorm running statistics
-    teacher = copy.deepcopy(student)
+    teacher = copy.deepcopy(student)                # BatchNorm statistics: mean 0, variance 1
+    student(torch.randn(8, 3))                      # move the student's running statistics
     for parameter in teacher.parameters():
         parameter.data.normal_()
     before = [p.detach().clone() for p in teacher.parameters()]
     ema_update(teacher, student, alpha=0.99, step=step)
     for old, new, current in zip(before, teacher.parameters(), student.parameters()):
         assert torch.allclose(new, decay * old + (1 - decay) * current, atol=1e-7)
-    for teacher_buffer, student_buffer in zip(teacher.buffers(), student.buffers()):
-        assert torch.equal(teacher_buffer, student_buffer)   # BatchNorm statistics are copied
+    bn_teacher = teacher[1]                         # its own statistics, untouched
+    assert torch.equal(bn_teacher.running_mean, torch.zeros(2))
+    assert torch.equal(bn_teacher.running_var, torch.ones(2))
+
+
+def test_the_ema_teacher_tracks_its_own_batchnorm_statistics():
+    teacher = nn.Sequential(nn.BatchNorm1d(1)).eval()
+    batch = torch.tensor([[1.0], [3.0]])            # mean 2, unbiased variance 2
+    out = OwnStatistics(teacher)(batch)
+    assert torch.allclose(out.flatten(), torch.tensor([-1.0, 1.0]), atol=1e-4)   # batch statistics
+    # momentum 0.1 from mean 0, variance 1: 0.1·2 and 0.9·1 + 0.1·2
+    assert math.isclose(teacher[0].running_mean.item(), 0.2, rel_tol=1e-6)
+    assert math.isclose(teacher[0].running_var.item(), 1.1, rel_tol=1e-6)
+    assert not teacher.training and not teacher[0].training                    # still evaluating
 
 
 def test_sigmoid_rampup_values():
@@ -128,6 +140,27 @@ def test_balanced_joint_set_repeats_the_labeled_slices(labeled, pseudo, repeats)
     assert all(items.count(("u", i)) == 1 for i in range(pseudo))
 
 
+def test_the_student_continues_its_teachers_adamw_moments(tmp_path):
+    from utils.checkpoint import FORMAT
+    teacher = nn.Linear(2, 1, bias=False)
+    teacher_optimizer = torch.optim.AdamW(teacher.parameters(), lr=0.1)
+    teacher.weight.grad = torch.tensor([[2.0, -4.0]])
+    teacher_optimizer.step()
+    torch.save({"format": FORMAT, "optimizer": teacher_optimizer.state_dict()}, tmp_path / "t.pth")
+    student = nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.002)
+    assert ts.continue_teacher_optimizer(optimizer, tmp_path / "t.pth", "model")
+    (state,) = optimizer.state.values()
+    # one step: m = (1 − 0.9)·g, v = (1 − 0.999)·g², step 1; this run's rate stays
+    assert torch.allclose(state["exp_avg"], torch.tensor([[0.2, -0.4]]))
+    assert torch.allclose(state["exp_avg_sq"], torch.tensor([[0.004, 0.016]]))
+    assert state["step"] == 1 and optimizer.param_groups[0]["lr"] == 0.002
+    fresh = torch.optim.AdamW(student.parameters(), lr=0.002)      # an EMA teacher's weights
+    assert not ts.continue_teacher_optimizer(fresh, tmp_path / "t.pth", "teacher") and not fresh.state
+    other = torch.optim.AdamW([nn.Parameter(torch.zeros(1)), *student.parameters()])
+    assert not ts.continue_teacher_optimizer(other, tmp_path / "t.pth", "model")  # other parameters
+
+
 def test_a_loaded_teacher_sees_its_own_normalisation():
     raw = torch.rand(2, 1, 4, 4)
     ours, its = {"mean": 0.2, "std": 0.5}, {"mean": 0.3, "std": 0.25}
@@ -209,10 +242,39 @@ def test_consistency_sums_the_squared_difference_over_classes():
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
     batch_u = {"image_w": torch.zeros(2, 1, 2, 2), "image_s1": torch.zeros(2, 1, 2, 2)}
     loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
-                                     Recorder(), bcp_cfg(), weight=2.0)
+                                     Recorder(), Recorder(), bcp_cfg(), weight=2.0)
     # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
     assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
     assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
+
+
+def test_pseudo_labelled_slices_are_complete_labels_and_ground_truth_stays_partial():
+    logits = torch.zeros(2, 3, 2, 2)
+    logits[0, 1] = 10.0                     # labeled slice: would change the CE if it counted
+    logits[1, 2] = math.log(2.0)            # pseudo-labelled slice: p = (1/4, 1/4, 1/2)
+    batch_x = {"mask": torch.tensor([[[1, 0], [0, 0]], [[0, 0], [2, IGNORE]]]),
+               "annotated": torch.tensor([[True, True, False], [True, True, True]]),
+               "certain_background": torch.ones(2, 2, 2, dtype=torch.bool),
+               "pseudo_labelled": torch.tensor([False, True])}
+    loss_sup = Recorder()
+    loss = ts.labeled_and_pseudo(loss_sup, build_stream_loss("ce"), logits, batch_x)
+    # CE over the pseudo-labelled slice only: two 0-pixels (background) at -log(1/4), one
+    # class-2 pixel at -log(1/2), the unsure pixel ignored: (2·log 4 + log 2) / 3 = 5/3·log 2
+    assert math.isclose(loss.item(), 1 + 5 / 3 * math.log(2), rel_tol=1e-6)
+    (call,) = loss_sup.calls                # the ground truth: row 0 only, its annotation kept
+    assert call["ignore"][:, 0, 0].tolist() == [False, True] and call["ignore"].all((1, 2)).tolist() == [False, True]
+    assert call["annotated"].tolist() == [[True, True, False], [False, False, False]]
+    assert call["certain_background"].all((1, 2)).tolist() == [True, False]
+    assert not call["certain_background"][1].any()
+
+
+def test_a_batch_without_pseudo_labels_is_all_ground_truth():
+    batch_x = {"mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 3, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    loss_sup, loss_stream = Recorder(), Recorder()
+    ts.labeled_and_pseudo(loss_sup, loss_stream, torch.zeros(1, 3, 2, 2), batch_x)
+    assert len(loss_sup.calls) == 1 and loss_sup.calls[0]["ignore"] is None and not loss_stream.calls
 
 
 def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
