@@ -118,13 +118,14 @@ def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, 
                   "conf_teacher": prob_u_w.max(1).values.mean(), **edge_logs(loss_edge, cfg)}
 
 
-def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio,
+def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio, u_weight,
              area_bounds=None):
     """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
 
     A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
     Pre-training: labeled slices x_a with the box taken from x_b. Self-training: u_a around a box
-    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`,
+    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`
+    (the config's, ramped in after pre-training by the caller),
     pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
     """
     half = len(batch_x["image"]) // 2
@@ -161,7 +162,7 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     mixed = {key: torch.cat([paste(outer[key], inner[key], box) for outer, inner in pairs])
              for key in ("mask", "certain_background")}
     loss_edge = edge_term(edge_logits, mixed["mask"], mixed["certain_background"], cfg)
-    loss = loss_x + cfg.u_weight * loss_u + loss_edge
+    loss = loss_x + u_weight * loss_u + loss_edge
     return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask_ratio": ratio, **logs,
                   **edge_logs(loss_edge, cfg)}
 
@@ -170,10 +171,16 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
 # `m` holds the run's parts (student, teacher, static_teacher, loss_sup, loss_stream, optimizer,
 # scaler, device, and train_forward: the student's loss computation, through DDP under torchrun);
 # `it` the position: epoch, iteration (steps before this one), per_epoch, total.
+def rampup(cfg, it, start_epoch=0):
+    """exp(−5(1−t)²) with t = epochs done since `start_epoch` / `rampup_epochs` (Laine & Aila
+    2017); 1 with `rampup_epochs` 0."""
+    if cfg.rampup_epochs <= 0:
+        return 1.0
+    return sigmoid_rampup((it.iteration / it.per_epoch - start_epoch) / cfg.rampup_epochs)
+
+
 def ramped_consistency_weight(cfg, it):
-    """w·exp(−5(1−t)²) with t = epochs done / `rampup_epochs` (Laine & Aila 2017)."""
-    ramp = it.iteration / it.per_epoch / cfg.rampup_epochs if cfg.rampup_epochs > 0 else 1
-    return cfg.w_consistency * sigmoid_rampup(ramp)
+    return cfg.w_consistency * rampup(cfg, it)
 
 
 def ema_alpha(cfg, it):
@@ -212,9 +219,12 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     start, end = cfg.mask_ratio_schedule
     ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
     with autocast(m.device, cfg):
+        # the pseudo-labelled regions ramp in like the consistency: a teacher fresh from a short
+        # pre-training labels most organs as confident background (README, Results on the phantom)
+        u_weight = cfg.u_weight * rampup(cfg, it, cfg.pretrain_epochs)
         loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
                                      else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
-                                     cfg, ratio, m.pseudo_area_bounds)
+                                     cfg, ratio, u_weight, m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs

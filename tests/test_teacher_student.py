@@ -189,7 +189,7 @@ def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     batch_x, batch_u = bcp_batches()
     teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
     loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
-                             bcp_cfg(), ratio=0.5)
+                             bcp_cfg(), ratio=0.5, u_weight=0.5)
     mixed = student.inputs[0][:, 0]
     box = mixed[:2] == 1.0                 # first mixed pair: labeled patches inside unlabeled slices
     assert torch.equal(box, mixed[2:] == 0.0)           # same box in the other direction
@@ -209,12 +209,26 @@ def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     assert math.isclose(logs["conf_teacher"].item(), 1 / (1 + 2 * math.exp(-12)), rel_tol=1e-6)
 
 
+def test_rampup_starts_at_its_epoch_and_follows_the_sigmoid_shape():
+    cfg = SimpleNamespace(rampup_epochs=2.0)
+
+    def at(iteration, start_epoch=0):
+        return ts.rampup(cfg, SimpleNamespace(iteration=iteration, per_epoch=10), start_epoch)
+
+    # t = (iteration/10 − start) / 2; value exp(−5(1−t)²), 0 ≤ t ≤ 1
+    assert at(0) == pytest.approx(math.exp(-5)) and at(10) == pytest.approx(math.exp(-5 * 0.25))
+    assert at(20) == 1.0 and at(35) == 1.0
+    assert at(30, start_epoch=3) == pytest.approx(math.exp(-5)) and at(10, start_epoch=3) == pytest.approx(math.exp(-5))
+    assert at(40, start_epoch=3) == pytest.approx(math.exp(-5 * 0.25))
+    assert ts.rampup(SimpleNamespace(rampup_epochs=0), SimpleNamespace(iteration=0, per_epoch=10)) == 1.0
+
+
 def test_bcp_pretraining_mixes_labeled_slices_with_their_own_labels():
     torch.manual_seed(1)
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     batch_x["image"][2:] = 0.5
-    loss, _ = ts.bcp_loss(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75)
+    loss, _ = ts.bcp_loss(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75, 0.5)
     box = student.inputs[0][:, 0] == 0.5                 # x_b's box inside x_a
     assert box.sum((1, 2)).tolist() == [144, 144] and not loss_stream.calls
     outer, inner = loss_sup.calls
@@ -284,13 +298,13 @@ def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     _, logs = ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
-                          loss_sup, loss_stream, bcp_cfg(conf_thresh=0.5), ratio=0.5)
+                          loss_sup, loss_stream, bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5)
     for call in loss_stream.calls:
         assert (call["target"][..., :8] == 2).all() and (call["target"][..., 8:] == IGNORE).all()
     assert math.isclose(logs["pseudo_ignored"].item(), 0.5)
     loss_stream.calls.clear()                   # threshold 1/3 or less: nothing is ignored
     ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
-                loss_sup, loss_stream, bcp_cfg(conf_thresh=0.3), ratio=0.5)
+                loss_sup, loss_stream, bcp_cfg(conf_thresh=0.3), ratio=0.5, u_weight=0.5)
     assert all((call["target"] != IGNORE).all() for call in loss_stream.calls)
 
 
@@ -303,12 +317,12 @@ def test_bcp_area_filter_ignores_a_class_beyond_its_bound():
     batch_x, batch_u = bcp_batches()
     teachers = (FixedLogits(logits), FixedLogits(logits))
     ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
-                bcp_cfg(conf_thresh=0.5), ratio=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.4]))
+                bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.4]))
     for call in loss_stream.calls:              # 0.5 > 0.4: class 2 is not taught
         assert (call["target"][..., :8] == IGNORE).all() and (call["target"][..., 8:] == 0).all()
     loss_stream.calls.clear()
     ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
-                bcp_cfg(conf_thresh=0.5), ratio=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.6]))
+                bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.6]))
     assert all((call["target"][..., :8] == 2).all() for call in loss_stream.calls)
 
 
