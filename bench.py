@@ -11,9 +11,9 @@ they replaced), `loading` (a training step's images/s fed by the real DataLoader
 tensors, and whether data loading is the bottleneck), `networks` (images/s and achieved
 GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
 torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
-elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step vs one
-supervised step), `ddp` (1 vs 2 gloo processes at the same global batch: throughput ratio). No
-test asserts on these timings.
+elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step, CutMix
+partners from a third loader and from the same batch, vs one supervised step), `ddp` (1 vs 2
+gloo processes at the same global batch: throughput ratio). No test asserts on these timings.
 """
 import argparse
 import os
@@ -36,7 +36,7 @@ from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_
 from dataloaders.phantom import render_slice
 from dataloaders.sampling import epoch_loader
 from networks import build_model
-from utils.config import load_config
+from utils.config import Config, load_config
 from utils.metrics import per_class_dice, rand_index
 
 
@@ -452,7 +452,6 @@ def bench_unimatch_step(report, size=256, batch=4, quick=False):
 
     if quick:
         size, batch = 64, 2
-    min_seconds = 0.2 if quick else 3.0
     cfg = load_config("unimatch", [])  # train_unimatch.py's defaults: losses, τ, CutMix, FP
     num_classes = cfg.num_classes
     torch.manual_seed(0)
@@ -478,16 +477,22 @@ def bench_unimatch_step(report, size=256, batch=4, quick=False):
         step(loss_sup(logits, batch_x["mask"], annotated=batch_x["annotated"],
                       certain_background=batch_x["certain_background"]))
 
-    def unimatch():
-        step(unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg)[0])
+    def unimatch(mix_source):
+        step_cfg = Config({**cfg, "mix_source": mix_source})
+        partners = batch_mix if mix_source == "loader" else None
+        return lambda: step(unimatch_step(model, batch_x, batch_u, partners, loss_sup, loss_stream,
+                                          step_cfg)[0])
 
     model.train()
-    cpu = torch.device("cpu")
-    supervised_seconds = _seconds_per_call(supervised, cpu, min_seconds, min_calls=3)
-    unimatch_seconds = _seconds_per_call(unimatch, cpu, min_seconds, min_calls=3)
-    report(f"supervised step (AttUNet-16, {batch}×{size}²)", f"{supervised_seconds:.3f} s")
-    report(f"UniMatch step ({batch} labeled + {batch} unlabeled)",
-           f"{unimatch_seconds:.3f} s = {unimatch_seconds / supervised_seconds:.2f}× the supervised step")
+    steps = {"supervised": supervised, "loader": unimatch("loader"), "batch": unimatch("batch")}
+    # interleaved rounds: a change in the machine's load hits the three alike
+    seconds = _interleaved_seconds({name: lambda _, run=run: run() for name, run in steps.items()},
+                                   rounds=2 if quick else 3, calls=1)
+    report(f"supervised step (AttUNet-16, {batch}×{size}²)", f"{seconds['supervised']:.3f} s")
+    for mix_source, partners in (("loader", "a third batch + eval pass"), ("batch", "rolled batch")):
+        report(f"UniMatch step ({batch} labeled + {batch} unlabeled, mix_source {mix_source})",
+               f"{seconds[mix_source]:.3f} s = {seconds[mix_source] / seconds['supervised']:.2f}× "
+               f"the supervised step (CutMix partners: {partners})")
 
 
 # ==== several processes (torchrun's DDP on the CPU) ====
