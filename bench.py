@@ -11,12 +11,15 @@ they replaced), `loading` (a training step's images/s fed by the real DataLoader
 tensors, and whether data loading is the bottleneck), `networks` (images/s and achieved
 GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
 torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
-elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step, CutMix
+elementwise ops — a train step counted as 3× the forward), `gpu_options` (train-step images/s with
+amp_dtype float16 / bfloat16, channels_last and compile vs the eager float32 step, on CUDA; compile
+alone on the CPU), `unimatch` (one UniMatch step, CutMix
 partners from a third loader and from the same batch, vs one supervised step), `ddp` (1 vs 2
 gloo processes at the same global batch: throughput ratio). No test asserts on these timings.
 """
 import argparse
 import os
+import shutil
 import tempfile
 import time
 import tracemalloc
@@ -36,8 +39,10 @@ from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_
 from dataloaders.phantom import render_slice
 from dataloaders.sampling import epoch_loader
 from networks import build_model
+from utils.builders import build_network, compile_network, network_family
 from utils.config import Config, load_config
 from utils.metrics import per_class_dice, rand_index
+from utils.optim import autocast, make_scaler, optimizer_step
 
 
 # ==== label CSV ====
@@ -442,6 +447,71 @@ def bench_networks(report, size=256, batch=8, quick=False):
                        f"= {achieved / peak:.0%} of peak")
 
 
+# ==== GPU options: amp_dtype, channels_last, compile ====
+def _options_step_rate(cfg, device, batch, size, min_seconds, compile_backend=None):
+    """Training-step images/s (synthetic tensors) of `cfg`'s network as the training scripts build
+    it (build_network: channels_last; autocast and loss scaling from amp/amp_dtype), compiled with
+    compile_network(`compile_backend`) when given (the first call, not timed, compiles)."""
+    torch.manual_seed(0)
+    data = SimpleNamespace(num_classes=cfg.num_classes)
+    model = build_network(Config({**cfg, "compile": False}), data, device)[0].train()
+    if compile_backend:
+        compile_network(model, compile_backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = make_scaler(device, cfg)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=memory_format)
+    targets = torch.randint(0, cfg.num_classes, (batch, size, size), device=device)
+
+    def step():
+        with autocast(device, cfg):
+            loss = F.cross_entropy(model(images), targets)
+        optimizer_step(loss, optimizer, scaler, cfg)
+
+    step()  # a second warm-up call: compilation of the backward and autotuning happen late
+    return batch / _seconds_per_call(step, device, min_seconds, min_calls=1 if min_seconds < 1 else 3)
+
+
+def bench_gpu_options(report, quick=False):
+    """Training-step images/s of each GPU option relative to the eager float32 step of the same
+    network (the default AttUNet and SegFormer-B0): `amp_dtype` float16 / bfloat16, `channels_last`,
+    `compile: true` — on CUDA; on the CPU, `compile` alone (inductor generates C++ there)."""
+    base = load_config("supervised", [])
+    batch, size, min_seconds = (2, 64, 0.1) if quick else (base.batch_size, base.img_size, 2.0)
+    for model_name in ("attunet", "segformer_b0"):
+        cfg = Config({**base, "model": model_name, "amp": False, "channels_last": False})
+        label = f"{model_name} {cfg.model_kwargs[network_family(model_name)]}, {batch}×{size}²"
+        if not torch.cuda.is_available():
+            for option in ("amp_dtype float16", "amp_dtype bfloat16", "channels_last", "compile (CUDA)"):
+                report(f"{option} ({model_name})", "no CUDA: skipped")
+        else:
+            cuda = torch.device("cuda")
+            eager = _options_step_rate(cfg, cuda, batch, size, min_seconds)
+            report(f"eager float32 train step ({label}, cuda)", f"{eager:.1f} img/s")
+            variants = {"amp_dtype float16": ({"amp": True, "amp_dtype": "float16"}, None),
+                        "amp_dtype bfloat16": ({"amp": True, "amp_dtype": "bfloat16"}, None),
+                        "channels_last": ({"channels_last": True}, None),
+                        "compile: true": ({}, "inductor")}
+            for option, (changes, backend) in variants.items():
+                rate = _options_step_rate(Config({**cfg, **changes}), cuda, batch, size, min_seconds, backend)
+                report(f"  {option} ({model_name}, cuda)", f"{rate:.1f} img/s = {rate / eager:.2f}x eager float32")
+        cpu = torch.device("cpu")
+        compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+        if compiler is None:
+            report(f"compile ({model_name}, cpu)", "skipped: no C++ compiler on PATH (inductor needs one)")
+            continue
+        # --quick checks the compile path with aot_eager (no code generation: seconds, not minutes)
+        backend = "aot_eager" if quick else "inductor"
+        eager = _options_step_rate(cfg, cpu, batch, size, min_seconds)
+        try:
+            compiled = _options_step_rate(cfg, cpu, batch, size, min_seconds, backend)
+        except Exception as error:  # report why compilation failed rather than stop the bench
+            report(f"compile ({model_name}, cpu)", f"failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            continue
+        report(f"compile ({label}, cpu, {backend})",
+               f"eager {eager:.2f} img/s vs compiled {compiled:.2f} img/s: {compiled / eager:.2f}x")
+
+
 # ==== UniMatch step ====
 def bench_unimatch_step(report, size=256, batch=4, quick=False):
     """One UniMatch step vs one supervised step at the same labeled batch (target:
@@ -572,7 +642,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
-    entries = ["csv", "metrics", "pipeline", "loading", "networks", "unimatch", "ddp"]
+    entries = ["csv", "metrics", "pipeline", "loading", "networks", "gpu_options", "unimatch", "ddp"]
     parser.add_argument("--only", nargs="+", choices=entries, default=entries)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -589,6 +659,8 @@ def main():
         bench_loading(report, quick=args.quick)
     if "networks" in args.only:
         bench_networks(report, quick=args.quick)
+    if "gpu_options" in args.only:
+        bench_gpu_options(report, quick=args.quick)
     if "unimatch" in args.only:
         bench_unimatch_step(report, quick=args.quick)
     if "ddp" in args.only:
