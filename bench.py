@@ -475,40 +475,43 @@ def _options_step_rate(cfg, device, batch, size, min_seconds, compile_backend=No
 def bench_gpu_options(report, quick=False):
     """Training-step images/s of each GPU option relative to the eager float32 step of the same
     network (the default AttUNet and SegFormer-B0): `amp_dtype` float16 / bfloat16, `channels_last`,
-    `compile: true` — on CUDA; on the CPU, `compile` alone (inductor generates C++ there)."""
+    `compile: true` — on CUDA; on the CPU, `compile` alone (inductor generates C++ there, 2 images
+    per step to keep it to minutes; --quick checks the compile path with aot_eager, which
+    generates no code)."""
     base = load_config("supervised", [])
     batch, size, min_seconds = (2, 64, 0.1) if quick else (base.batch_size, base.img_size, 2.0)
+    cpu_batch, cpu_backend = 2, "aot_eager" if quick else "inductor"
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    variants = {"amp_dtype float16": ({"amp": True, "amp_dtype": "float16"}, None),
+                "amp_dtype bfloat16": ({"amp": True, "amp_dtype": "bfloat16"}, None),
+                "channels_last": ({"channels_last": True}, None),
+                "compile: true": ({}, "inductor")}
     for model_name in ("attunet", "segformer_b0"):
         cfg = Config({**base, "model": model_name, "amp": False, "channels_last": False})
-        label = f"{model_name} {cfg.model_kwargs[network_family(model_name)]}, {batch}×{size}²"
-        if not torch.cuda.is_available():
-            for option in ("amp_dtype float16", "amp_dtype bfloat16", "channels_last", "compile (CUDA)"):
-                report(f"{option} ({model_name})", "no CUDA: skipped")
-        else:
+
+        def label(images):
+            return f"{model_name} {cfg.model_kwargs[network_family(model_name)]}, {images}×{size}²"
+        if torch.cuda.is_available():
             cuda = torch.device("cuda")
             eager = _options_step_rate(cfg, cuda, batch, size, min_seconds)
-            report(f"eager float32 train step ({label}, cuda)", f"{eager:.1f} img/s")
-            variants = {"amp_dtype float16": ({"amp": True, "amp_dtype": "float16"}, None),
-                        "amp_dtype bfloat16": ({"amp": True, "amp_dtype": "bfloat16"}, None),
-                        "channels_last": ({"channels_last": True}, None),
-                        "compile: true": ({}, "inductor")}
+            report(f"eager float32 train step ({label(batch)}, cuda)", f"{eager:.1f} img/s")
             for option, (changes, backend) in variants.items():
                 rate = _options_step_rate(Config({**cfg, **changes}), cuda, batch, size, min_seconds, backend)
                 report(f"  {option} ({model_name}, cuda)", f"{rate:.1f} img/s = {rate / eager:.2f}x eager float32")
-        cpu = torch.device("cpu")
-        compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+        else:
+            for option in variants:
+                report(f"{option} ({model_name}, cuda)", "no CUDA: skipped")
         if compiler is None:
             report(f"compile ({model_name}, cpu)", "skipped: no C++ compiler on PATH (inductor needs one)")
             continue
-        # --quick checks the compile path with aot_eager (no code generation: seconds, not minutes)
-        backend = "aot_eager" if quick else "inductor"
-        eager = _options_step_rate(cfg, cpu, batch, size, min_seconds)
+        cpu = torch.device("cpu")
+        eager = _options_step_rate(cfg, cpu, cpu_batch, size, min_seconds)
         try:
-            compiled = _options_step_rate(cfg, cpu, batch, size, min_seconds, backend)
+            compiled = _options_step_rate(cfg, cpu, cpu_batch, size, min_seconds, cpu_backend)
         except Exception as error:  # report why compilation failed rather than stop the bench
             report(f"compile ({model_name}, cpu)", f"failed: {type(error).__name__}: {str(error).splitlines()[0]}")
             continue
-        report(f"compile ({label}, cpu, {backend})",
+        report(f"compile ({label(cpu_batch)}, cpu, {cpu_backend})",
                f"eager {eager:.2f} img/s vs compiled {compiled:.2f} img/s: {compiled / eager:.2f}x")
 
 
