@@ -11,12 +11,15 @@ they replaced), `loading` (a training step's images/s fed by the real DataLoader
 tensors, and whether data loading is the bottleneck), `networks` (images/s and achieved
 GFLOP/s of each network vs the measured matmul peak; FLOPs counted with
 torch.utils.flop_counter.FlopCounterMode on one image — matmuls, convolutions and attention, not
-elementwise ops — a train step counted as 3× the forward), `unimatch` (one UniMatch step vs one
-supervised step), `ddp` (1 vs 2 gloo processes at the same global batch: throughput ratio). No
-test asserts on these timings.
+elementwise ops — a train step counted as 3× the forward), `gpu_options` (train-step images/s with
+amp_dtype float16 / bfloat16, channels_last and compile vs the eager float32 step, on CUDA; compile
+alone on the CPU), `unimatch` (one UniMatch step, CutMix
+partners from a third loader and from the same batch, vs one supervised step), `ddp` (1 vs 2
+gloo processes at the same global batch: throughput ratio). No test asserts on these timings.
 """
 import argparse
 import os
+import shutil
 import tempfile
 import time
 import tracemalloc
@@ -36,8 +39,10 @@ from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_
 from dataloaders.phantom import render_slice
 from dataloaders.sampling import epoch_loader
 from networks import build_model
-from utils.config import load_config
+from utils.builders import build_network, compile_network, network_family
+from utils.config import Config, load_config
 from utils.metrics import per_class_dice, rand_index
+from utils.optim import autocast, make_scaler, optimizer_step
 
 
 # ==== label CSV ====
@@ -442,6 +447,74 @@ def bench_networks(report, size=256, batch=8, quick=False):
                        f"= {achieved / peak:.0%} of peak")
 
 
+# ==== GPU options: amp_dtype, channels_last, compile ====
+def _options_step_rate(cfg, device, batch, size, min_seconds, compile_backend=None):
+    """Training-step images/s (synthetic tensors) of `cfg`'s network as the training scripts build
+    it (build_network: channels_last; autocast and loss scaling from amp/amp_dtype), compiled with
+    compile_network(`compile_backend`) when given (the first call, not timed, compiles)."""
+    torch.manual_seed(0)
+    data = SimpleNamespace(num_classes=cfg.num_classes)
+    model = build_network(Config({**cfg, "compile": False}), data, device)[0].train()
+    if compile_backend:
+        compile_network(model, compile_backend)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = make_scaler(device, cfg)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    images = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=memory_format)
+    targets = torch.randint(0, cfg.num_classes, (batch, size, size), device=device)
+
+    def step():
+        with autocast(device, cfg):
+            loss = F.cross_entropy(model(images), targets)
+        optimizer_step(loss, optimizer, scaler, cfg)
+
+    step()  # a second warm-up call: compilation of the backward and autotuning happen late
+    return batch / _seconds_per_call(step, device, min_seconds, min_calls=1 if min_seconds < 1 else 3)
+
+
+def bench_gpu_options(report, quick=False):
+    """Training-step images/s of each GPU option relative to the eager float32 step of the same
+    network (the default AttUNet and SegFormer-B0): `amp_dtype` float16 / bfloat16, `channels_last`,
+    `compile: true` — on CUDA; on the CPU, `compile` alone (inductor generates C++ there, 2 images
+    per step to keep it to minutes; --quick checks the compile path with aot_eager, which
+    generates no code)."""
+    base = load_config("supervised", [])
+    batch, size, min_seconds = (2, 64, 0.1) if quick else (base.batch_size, base.img_size, 2.0)
+    cpu_batch, cpu_backend = 2, "aot_eager" if quick else "inductor"
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    variants = {"amp_dtype float16": ({"amp": True, "amp_dtype": "float16"}, None),
+                "amp_dtype bfloat16": ({"amp": True, "amp_dtype": "bfloat16"}, None),
+                "channels_last": ({"channels_last": True}, None),
+                "compile: true": ({}, "inductor")}
+    for model_name in ("attunet", "segformer_b0"):
+        cfg = Config({**base, "model": model_name, "amp": False, "channels_last": False})
+
+        def label(images):
+            return f"{model_name} {cfg.model_kwargs[network_family(model_name)]}, {images}×{size}²"
+        if torch.cuda.is_available():
+            cuda = torch.device("cuda")
+            eager = _options_step_rate(cfg, cuda, batch, size, min_seconds)
+            report(f"eager float32 train step ({label(batch)}, cuda)", f"{eager:.1f} img/s")
+            for option, (changes, backend) in variants.items():
+                rate = _options_step_rate(Config({**cfg, **changes}), cuda, batch, size, min_seconds, backend)
+                report(f"  {option} ({model_name}, cuda)", f"{rate:.1f} img/s = {rate / eager:.2f}x eager float32")
+        else:
+            for option in variants:
+                report(f"{option} ({model_name}, cuda)", "no CUDA: skipped")
+        if compiler is None:
+            report(f"compile ({model_name}, cpu)", "skipped: no C++ compiler on PATH (inductor needs one)")
+            continue
+        cpu = torch.device("cpu")
+        eager = _options_step_rate(cfg, cpu, cpu_batch, size, min_seconds)
+        try:
+            compiled = _options_step_rate(cfg, cpu, cpu_batch, size, min_seconds, cpu_backend)
+        except Exception as error:  # report why compilation failed rather than stop the bench
+            report(f"compile ({model_name}, cpu)", f"failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            continue
+        report(f"compile ({label(cpu_batch)}, cpu, {cpu_backend})",
+               f"eager {eager:.2f} img/s vs compiled {compiled:.2f} img/s: {compiled / eager:.2f}x")
+
+
 # ==== UniMatch step ====
 def bench_unimatch_step(report, size=256, batch=4, quick=False):
     """One UniMatch step vs one supervised step at the same labeled batch (target:
@@ -452,7 +525,6 @@ def bench_unimatch_step(report, size=256, batch=4, quick=False):
 
     if quick:
         size, batch = 64, 2
-    min_seconds = 0.2 if quick else 3.0
     cfg = load_config("unimatch", [])  # train_unimatch.py's defaults: losses, τ, CutMix, FP
     num_classes = cfg.num_classes
     torch.manual_seed(0)
@@ -478,16 +550,22 @@ def bench_unimatch_step(report, size=256, batch=4, quick=False):
         step(loss_sup(logits, batch_x["mask"], annotated=batch_x["annotated"],
                       certain_background=batch_x["certain_background"]))
 
-    def unimatch():
-        step(unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg)[0])
+    def unimatch(mix_source):
+        step_cfg = Config({**cfg, "mix_source": mix_source})
+        partners = batch_mix if mix_source == "loader" else None
+        return lambda: step(unimatch_step(model, batch_x, batch_u, partners, loss_sup, loss_stream,
+                                          step_cfg)[0])
 
     model.train()
-    cpu = torch.device("cpu")
-    supervised_seconds = _seconds_per_call(supervised, cpu, min_seconds, min_calls=3)
-    unimatch_seconds = _seconds_per_call(unimatch, cpu, min_seconds, min_calls=3)
-    report(f"supervised step (AttUNet-16, {batch}×{size}²)", f"{supervised_seconds:.3f} s")
-    report(f"UniMatch step ({batch} labeled + {batch} unlabeled)",
-           f"{unimatch_seconds:.3f} s = {unimatch_seconds / supervised_seconds:.2f}× the supervised step")
+    steps = {"supervised": supervised, "loader": unimatch("loader"), "batch": unimatch("batch")}
+    # interleaved rounds: a change in the machine's load hits the three alike
+    seconds = _interleaved_seconds({name: lambda _, run=run: run() for name, run in steps.items()},
+                                   rounds=2 if quick else 3, calls=1)
+    report(f"supervised step (AttUNet-16, {batch}×{size}²)", f"{seconds['supervised']:.3f} s")
+    for mix_source, partners in (("loader", "a third batch + eval pass"), ("batch", "rolled batch")):
+        report(f"UniMatch step ({batch} labeled + {batch} unlabeled, mix_source {mix_source})",
+               f"{seconds[mix_source]:.3f} s = {seconds[mix_source] / seconds['supervised']:.2f}× "
+               f"the supervised step (CutMix partners: {partners})")
 
 
 # ==== several processes (torchrun's DDP on the CPU) ====
@@ -567,7 +645,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
-    entries = ["csv", "metrics", "pipeline", "loading", "networks", "unimatch", "ddp"]
+    entries = ["csv", "metrics", "pipeline", "loading", "networks", "gpu_options", "unimatch", "ddp"]
     parser.add_argument("--only", nargs="+", choices=entries, default=entries)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -584,6 +662,8 @@ def main():
         bench_loading(report, quick=args.quick)
     if "networks" in args.only:
         bench_networks(report, quick=args.quick)
+    if "gpu_options" in args.only:
+        bench_gpu_options(report, quick=args.quick)
     if "unimatch" in args.only:
         bench_unimatch_step(report, quick=args.quick)
     if "ddp" in args.only:

@@ -10,7 +10,8 @@ Segmentation", CVPR 2023.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w` weak view of an unlabeled slice, `img_u_s1`/`img_u_s2`
 its two strong views (same geometry, independent intensity perturbations, each CutMixed with a
-second unlabeled batch `*_mix`); `conf_u_w` confidence of the prediction on `img_u_w`.
+partner slice `*_mix`: from a second unlabeled batch, or with `--mix_source batch` the next slice
+of the same batch); `conf_u_w` confidence of the prediction on `img_u_w`.
 Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
 supervises the two strong views and a feature-perturbed decoding of the weak view.
 """
@@ -28,11 +29,20 @@ from utils.engine import TrainingRun
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
+MIX_SOURCES = ("loader", "batch")
+
+
+def batch_partners(tensor):
+    """`tensor [B, ...]` reordered so that row i holds sample (i + 1) mod B: each sample's CutMix
+    partner with `mix_source: batch` (itself when B = 1)."""
+    return tensor.roll(-1, dims=0)
+
 
 def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg, warmup=False,
                   area_bounds=None):
     """One UniMatch step; returns (total loss, dict of logged scalars). No optimiser work here.
-    `area_bounds (C,)`: with `pseudo_area_filter`, the per-slice area bound of each class."""
+    `batch_mix`: the CutMix partners with `cfg.mix_source` loader (unused, may be None, with
+    batch). `area_bounds (C,)`: with `pseudo_area_filter`, the per-slice area bound of each class."""
     img_x, mask_x = batch_x["image"], batch_x["mask"]
 
     def supervised(logits_x):
@@ -44,17 +54,22 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
         return loss_x, {"loss": loss_x, "loss_x": loss_x}
 
     img_u_w, img_u_s1, img_u_s2 = batch_u["image_w"], batch_u["image_s1"], batch_u["image_s2"]
-    # Pseudo-labels for the pasted boxes: the model in eval mode (BatchNorm running statistics,
-    # no dropout), no gradient — they are targets, not predictions to train.
-    with torch.no_grad():
-        model.eval()
-        conf_u_w_mix, mask_u_w_mix = model(batch_mix["image_w"]).float().softmax(1).max(1)
-        model.train()
+    mix_within_batch = cfg.mix_source == "batch"
+    if mix_within_batch:  # CutMix within the batch (French et al. 2020): no extra forward
+        img_mix_s1, img_mix_s2 = batch_partners(img_u_s1), batch_partners(img_u_s2)
+    else:
+        # Pseudo-labels for the pasted boxes: the model in eval mode (BatchNorm running
+        # statistics, no dropout), no gradient — they are targets, not predictions to train.
+        with torch.no_grad():
+            model.eval()
+            conf_u_w_mix, mask_u_w_mix = model(batch_mix["image_w"]).float().softmax(1).max(1)
+            model.train()
+        img_mix_s1, img_mix_s2 = batch_mix["image_s1"], batch_mix["image_s2"]
     batch, _, height, width = img_u_w.shape
     box1, box2 = (random_boxes(batch, height, width, cfg.cutmix_p, tuple(cfg.cutmix_area),
                                tuple(cfg.cutmix_aspect), img_u_w.device) for _ in range(2))
-    img_u_s1 = paste(img_u_s1, batch_mix["image_s1"], box1)
-    img_u_s2 = paste(img_u_s2, batch_mix["image_s2"], box2)
+    img_u_s1 = paste(img_u_s1, img_mix_s1, box1)
+    img_u_s2 = paste(img_u_s2, img_mix_s2, box2)
 
     # One forward of [x, u_w] that also decodes channel-dropout copies of u_w's features (FP),
     # then one forward of both strong views.
@@ -67,10 +82,13 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
     conf_u_w, mask_u_w = logits_u_w.detach().float().softmax(1).max(1)
     if cfg.pseudo_area_filter:  # a class painted far beyond its plausible area is not taught
         mask_u_w = drop_oversized_pseudo_labels(mask_u_w, area_bounds)
-        mask_u_w_mix = drop_oversized_pseudo_labels(mask_u_w_mix, area_bounds)
+        if not mix_within_batch:
+            mask_u_w_mix = drop_oversized_pseudo_labels(mask_u_w_mix, area_bounds)
     if cfg.image_filter > 0:  # drop whole slices with too few confident pixels
         keep = (conf_u_w >= cfg.conf_thresh).float().mean((1, 2)) >= cfg.image_filter
         conf_u_w = conf_u_w * keep.view(-1, 1, 1)
+    if mix_within_batch:  # the partners' own pseudo-labels, filtered as theirs
+        conf_u_w_mix, mask_u_w_mix = batch_partners(conf_u_w), batch_partners(mask_u_w)
     mask_u_s1, conf_u_s1 = paste(mask_u_w, mask_u_w_mix, box1), paste(conf_u_w, conf_u_w_mix, box1)
     mask_u_s2, conf_u_s2 = paste(mask_u_w, mask_u_w_mix, box2), paste(conf_u_w, conf_u_w_mix, box2)
 
@@ -90,6 +108,8 @@ def main(argv=None):
         raise InputError("edge_guided: not supported by train_unimatch.py (its feature-perturbed "
                          "stream decodes plain features); use train_supervised.py or "
                          "train_teacher_student.py")
+    if cfg.mix_source not in MIX_SOURCES:
+        raise InputError(f"mix_source: unknown '{cfg.mix_source}' (choose {' or '.join(MIX_SOURCES)})")
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
@@ -113,11 +133,14 @@ def main(argv=None):
     for epoch in range(run.start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
         model.train()
+        mix_loaders = ([epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2)]
+                       if cfg.mix_source == "loader" else [])  # batch: the partners are in batch_u
         loaders = zip(epoch_loader(labeled_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
                       epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
-                      epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=2))
-        for batch_x, batch_u, batch_mix in run.steps(loaders, iterations, epoch):
+                      *mix_loaders)
+        for batch_x, batch_u, *batch_mix in run.steps(loaders, iterations, epoch):
             batch_x = supervised_targets(batch_x, cfg)  # instance mode: 3-class targets of the ids
+            batch_mix = batch_mix[0] if batch_mix else None
             with autocast(device, cfg):
                 loss, logs = train_forward(unimatch_step, batch_x, batch_u, batch_mix, loss_sup,
                                            loss_stream, cfg, warmup=epoch < cfg.warmup_epochs,

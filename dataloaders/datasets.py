@@ -14,6 +14,7 @@ augmentation when the dataset has none (evaluation); with augmentation, a plain 
 sample's seed from torch's global generator (direct indexing, e.g. to look at a few views).
 """
 import bisect
+import math
 from dataclasses import dataclass
 
 import cv2
@@ -84,8 +85,19 @@ def resize_mask(mask, img_size):
 
 
 def _resized_image(raw, img_size):
-    """`(H, W)` uint8 slice -> `(img_size, img_size)` uint8 numpy array through `resize`."""
+    """`(H, W)` uint8 slice -> `(img_size, img_size)` uint8 numpy array through `resize` (which
+    returns a slice already at that size unchanged: then no copy and no torch call)."""
+    if raw.shape == (img_size, img_size):
+        return np.ascontiguousarray(raw)
     return resize(torch.from_numpy(np.array(raw))[None], img_size)[0].numpy()
+
+
+def normalize_in_place(array, norm):
+    """`normalize` of a float32 numpy array in [0, 1], in place and bit-identical to it (both
+    subtract and divide in float32); returns the array."""
+    np.subtract(array, np.float32(norm["mean"]), out=array)
+    np.divide(array, np.float32(norm["std"]), out=array)
+    return array
 
 
 def _normalize_table(norm):
@@ -107,11 +119,13 @@ class AffineDraw:
     def matrix(self, size):
         """`(2, 3)` float64 forward map of pixel coordinates (x, y) of a size×size view, pixel
         centres at integers (what `cv2.warpAffine` takes)."""
+        # scalar math: a per-sample matrix, where numpy's per-call overhead is most of the cost
         center = (size - 1) / 2
-        cos, sin = np.cos(np.radians(self.angle)), np.sin(np.radians(self.angle))
-        linear = self.scale * np.array([[cos, -sin], [sin, cos]])
-        shift = center + np.asarray(self.translate, float) - linear @ (center, center)
-        matrix = np.column_stack([linear, shift])
+        radians = math.radians(self.angle)
+        cos, sin = self.scale * math.cos(radians), self.scale * math.sin(radians)
+        shift_x, shift_y = self.translate
+        matrix = np.array([[cos, -sin, center + shift_x - (cos * center - sin * center)],
+                           [sin, cos, center + shift_y - (sin * center + cos * center)]])
         if self.flip:  # x -> size - 1 - x after the affine
             matrix[0] = -matrix[0]
             matrix[0, 2] += size - 1
@@ -176,6 +190,7 @@ class IntensityAugmentation:
     def __init__(self, jitter=0.3, gamma_range=(0.7, 1.5), blur_sigma=(0.1, 1.5), noise_sigma=0.03):
         self.jitter, self.log_gamma = jitter, np.log(gamma_range)
         self.blur_sigma, self.noise_sigma = blur_sigma, noise_sigma
+        self.noise_table = _NORMAL_QUANTILES * np.float32(noise_sigma)  # N(0, noise_sigma²) quantiles
 
     def draw(self, rng, shape):
         """An `IntensityDraw` for an image of `shape` from the numpy Generator `rng`."""
@@ -190,8 +205,7 @@ class IntensityAugmentation:
         if rng.random() < 0.5:
             count = int(np.prod(shape))
             bins = rng.bit_generator.random_raw(-(-count // 4)).view(np.uint16)[:count]  # 4 per draw
-            noise = _NORMAL_QUANTILES.take(bins).reshape(shape)
-            noise *= np.float32(self.noise_sigma)
+            noise = self.noise_table.take(bins.astype(np.intp)).reshape(shape)  # 2x faster with intp
         return IntensityDraw(brightness, contrast, brightness_first, gamma, blur_sigma, noise)
 
     @staticmethod
@@ -205,15 +219,18 @@ class IntensityAugmentation:
         levels = np.arange(256, dtype=np.float32) / np.float32(255)
         histogram = None
 
+        def clip_unit(values):  # np.clip's Python wrapper costs more than these 256 values
+            return np.minimum(np.maximum(values, 0, out=values), 1, out=values)
+
         def brightness(values):
-            return np.clip(values * np.float32(draw.brightness), 0, 1)
+            return clip_unit(values * np.float32(draw.brightness))
 
         def contrast(values):
             nonlocal histogram
             if histogram is None:
                 histogram = cv2.calcHist([image], [0], None, [256], [0, 256]).ravel().astype(np.float64)
             mean = np.float32(histogram @ values / histogram.sum())
-            return np.clip(np.float32(draw.contrast) * values + np.float32(1 - draw.contrast) * mean, 0, 1)
+            return clip_unit(np.float32(draw.contrast) * values + np.float32(1 - draw.contrast) * mean)
 
         if draw.brightness is not None:
             for step in ((brightness, contrast) if draw.brightness_first else (contrast, brightness)):
@@ -314,7 +331,7 @@ class UnlabeledSlices(Dataset):
         weak = warp(weak, self.geometry.draw(rng, self.img_size).matrix(self.img_size))
 
         def strong():
-            return normalize(torch.from_numpy(self.intensity(weak, rng))[None], self.norm)
+            return torch.from_numpy(normalize_in_place(self.intensity(weak, rng), self.norm))[None]
         return {"image_w": torch.from_numpy(cv2.LUT(weak, self.normalize_table))[None],
                 "image_s1": strong(), "image_s2": strong(), "index": index}
 

@@ -2,13 +2,14 @@
 torchvision.transforms.v2 functions they replaced give the same pixels up to interpolation."""
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2
 
 from dataloaders.datasets import (AffineDraw, GeometricAugmentation, IntensityAugmentation, LabeledSlices,
-                                  normalize, outside_air_mask, resize, resize_mask, warp)
+                                  UnlabeledSlices, normalize, outside_air_mask, resize, resize_mask, warp)
 from dataloaders.phantom import render_slice
 
 PATTERN = np.arange(1, 26, dtype=np.uint8).reshape(5, 5) * 9  # every pixel different
@@ -33,6 +34,14 @@ def test_an_integer_shift_moves_pixels_and_fills_zero():
 def test_flip_mirrors_left_and_right():
     matrix = AffineDraw(angle=0.0, translate=(0, 0), scale=1.0, flip=True).matrix(5)
     np.testing.assert_array_equal(warp(PATTERN, matrix), PATTERN[:, ::-1])
+
+
+@pytest.mark.parametrize("angle, translate, scale", [(17.3, (4, -6), 0.87), (-20.0, (0, 3), 1.2)])
+def test_the_matrix_is_opencvs_rotation_about_the_centre_plus_the_shift(angle, translate, scale):
+    # cv2 turns counter-clockwise on screen for a positive angle, torchvision's convention clockwise
+    expected = cv2.getRotationMatrix2D((63.5, 63.5), -angle, scale)
+    expected[:, 2] += translate
+    np.testing.assert_allclose(AffineDraw(angle, translate, scale).matrix(128), expected, rtol=0, atol=1e-12)
 
 
 def test_draws_stay_in_the_configured_ranges():
@@ -136,3 +145,17 @@ def test_a_sample_seed_fixes_the_augmented_sample():
     np.testing.assert_array_equal(first["mask"].numpy(), warp(data.train_masks[1], draw.matrix(128), nearest=True))
     air = outside_air_mask(data.train_images[1]).astype(np.uint8)
     np.testing.assert_array_equal(first["certain_background"].numpy(), warp(air, draw.matrix(128), nearest=True) > 0)
+
+
+def test_unlabeled_views_follow_the_sample_seed_in_draw_order():
+    """weak = the warp of the geometry draw; s1, s2 = the next two intensity draws of the same
+    generator; all three normalised as `normalize` does (bit for bit)."""
+    data, norm = slices(), {"mean": 0.2345678, "std": 0.3141592}
+    geometry = GeometricAugmentation(20.0, (0.8, 1.2), 0.1, False)
+    sample = UnlabeledSlices(data.train_images, [2, 1], 128, norm, geometry, IntensityAugmentation())[(1, 7)]
+    rng = np.random.default_rng(7)
+    weak = warp(data.train_images[1], geometry.draw(rng, 128).matrix(128))
+    assert torch.equal(sample["image_w"], normalize(torch.from_numpy(weak)[None], norm))
+    for key in ("image_s1", "image_s2"):
+        strong = IntensityAugmentation.apply(weak, IntensityAugmentation().draw(rng, weak.shape))
+        assert torch.equal(sample[key], normalize(torch.from_numpy(strong)[None], norm))

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import IntensityClassifier, Recorder
+from conftest import IntensityClassifier, Recorder, one_line_error
 
 from train_unimatch import unimatch_step
 from utils.losses import IGNORE_INDEX, build_stream_loss
@@ -47,7 +47,7 @@ def test_paste_images_and_maps():
 def make_cfg(**changes):
     cfg = dict(cutmix_p=1.0, cutmix_area=[0.1, 0.3], cutmix_aspect=[0.5, 2.0], conf_thresh=0.95,
                fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5,
-               pseudo_area_filter=False)
+               pseudo_area_filter=False, mix_source="loader")
     cfg.update(changes)
     return SimpleNamespace(**cfg)
 
@@ -81,6 +81,55 @@ def test_pseudo_labels_inside_boxes_come_from_the_mix_batch():
     assert torch.equal(target_s2, torch.where(box2, 2, 1))
     assert not torch.equal(box1, box2)                        # independent boxes per strong view
     assert (target_fp == 1).all() and not ignore_fp.any() and not ignore_s1.any()
+
+
+def test_batch_mix_source_pastes_the_next_slice_of_the_same_batch():
+    """Slice i's partner is slice (i + 1) mod 3: its strong view inside the box, its weak-view
+    pseudo-label and confidence as targets there; no third batch and no extra forward."""
+    torch.manual_seed(0)
+    model, stream = IntensityClassifier(), Recorder()
+    batch_x, batch_u, _ = make_batches(n=3)
+    # weak views: slice 0 -> class 1 (confident), 1 -> class 2 (confident), 2 -> a 50/50 tie
+    batch_u["image_w"] = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1, 1).expand(3, 1, 16, 16)
+    batch_u["image_s1"] = torch.tensor([10.0, 11.0, 12.0]).view(3, 1, 1, 1).expand(3, 1, 16, 16)
+    batch_u["image_s2"] = torch.tensor([20.0, 21.0, 22.0]).view(3, 1, 1, 1).expand(3, 1, 16, 16)
+    unimatch_step(model, batch_x, batch_u, None, lambda *a, **k: torch.tensor(8.0), stream,
+                  make_cfg(mix_source="batch"))
+    assert [len(b) for b in model.decoded_batches] == [9, 6]   # [x, u_w, u_w FP], [s1, s2]
+    strong_inputs = model.decoded_batches[-1][:, 0]
+    own_class, own_unsure = torch.tensor([1, 2, 1]), torch.tensor([False, False, True])
+    partner = torch.tensor([1, 2, 0])
+    for view, first_value in ((0, 10.0), (1, 20.0)):
+        inputs = strong_inputs[3 * view:3 * view + 3]
+        values = first_value + torch.arange(3.0).view(3, 1, 1)
+        box = inputs == first_value + partner.view(3, 1, 1).float()
+        assert box.any((1, 2)).all() and (~box).any((1, 2)).all()
+        assert torch.equal(inputs, torch.where(box, values[partner], values))
+        call = stream.calls[view]
+        assert torch.equal(call["target"], torch.where(box, own_class[partner].view(3, 1, 1),
+                                                       own_class.view(3, 1, 1)))
+        assert torch.equal(call["ignore"], torch.where(box, own_unsure[partner].view(3, 1, 1),
+                                                       own_unsure.view(3, 1, 1)))
+    fp = stream.calls[2]                                          # the FP stream is not mixed
+    assert torch.equal(fp["target"], own_class.view(3, 1, 1).expand(3, 16, 16))
+    assert torch.equal(fp["ignore"], own_unsure.view(3, 1, 1).expand(3, 16, 16))
+
+
+def test_batch_mix_source_with_one_slice_pastes_the_slice_into_itself():
+    torch.manual_seed(0)
+    model, stream = IntensityClassifier(), Recorder()
+    batch_x, batch_u, _ = make_batches(n=1)
+    batch_u["image_s1"] = torch.rand(1, 1, 16, 16)
+    unimatch_step(model, batch_x, batch_u, None, lambda *a, **k: torch.tensor(8.0), stream,
+                  make_cfg(mix_source="batch"))
+    assert torch.equal(model.decoded_batches[-1][:1], batch_u["image_s1"])
+    assert (stream.calls[0]["target"] == 1).all() and not stream.calls[0]["ignore"].any()
+
+
+def test_an_unknown_mix_source_is_one_line(capsys):
+    import train_unimatch
+    err = one_line_error(capsys, ["--mix_source", "both"], train_unimatch.main)
+    assert err == "error: mix_source: unknown 'both' (choose loader or batch)"
 
 
 def test_the_area_filter_ignores_a_class_beyond_its_bound():
@@ -164,7 +213,8 @@ def test_warmup_is_supervised_only():
     assert loss.item() == 8.0 and not stream.calls and len(model.decoded_batches) == 1
 
 
-def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(tiny_phantom, tmp_path,
+@pytest.mark.parametrize("mix_source", ["loader", "batch"])
+def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(mix_source, tiny_phantom, tmp_path,
                                                                   monkeypatch, capsys):
     import json
 
@@ -173,7 +223,7 @@ def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(tiny_phantom,
     from conftest import ROOT
     monkeypatch.chdir(tmp_path)
     train_unimatch.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--data",
-                         str(tiny_phantom), "--out_dir", "run", "--epochs", "1"])
+                         str(tiny_phantom), "--out_dir", "run", "--epochs", "1", "--mix_source", mix_source])
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"loss_x", "loss_s", "loss_fp", "conf_ratio", "val_dice"} <= set(record)
     assert record["iteration"] == 2
