@@ -227,6 +227,9 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
                                      cfg, ratio, u_weight, m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
+    if not self_training:  # no target forward yet: without this pass the EMA teacher's own
+        with torch.no_grad(), autocast(m.device, cfg):  # BatchNorm statistics stayed at their initial
+            m.teacher(batch_x["image"])  # values all along pre-training: it predicted organs everywhere
     return logs
 
 

@@ -17,6 +17,7 @@ from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intens
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
 from utils.losses import build_stream_loss, edge_loss, edge_targets
+from utils.optim import make_scaler
 from utils.errors import InputError
 from utils.teachers import (OwnStatistics, ema_update, freeze_encoder_stages, largest_component_labels,
                             run_length_alpha, sigmoid_rampup)
@@ -289,6 +290,27 @@ def test_a_batch_without_pseudo_labels_is_all_ground_truth():
     loss_sup, loss_stream = Recorder(), Recorder()
     ts.labeled_and_pseudo(loss_sup, loss_stream, torch.zeros(1, 3, 2, 2), batch_x)
     assert len(loss_sup.calls) == 1 and loss_sup.calls[0]["ignore"] is None and not loss_stream.calls
+
+
+def test_bcp_pretraining_keeps_the_ema_teachers_batchnorm_statistics_on_the_data():
+    student = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2))
+    nn.init.constant_(student[0].weight, 1.0)   # the conv passes the image through
+    teacher = copy.deepcopy(student).eval()
+    cfg = SimpleNamespace(**vars(bcp_cfg()), pretrain_epochs=1, static_every=10, rampup_epochs=1.0,
+                          mask_ratio_schedule=[0.5, 0.5], ema_alpha=0.99, amp=False, grad_clip=0)
+    m = SimpleNamespace(student=student, teacher=ts.OwnStatistics(teacher), static_teacher=None,
+                        loss_sup=lambda logits, *args, **kwargs: logits.mean(), loss_stream=None,
+                        optimizer=torch.optim.SGD(student.parameters(), lr=0.0),
+                        scaler=make_scaler(torch.device("cpu"), SimpleNamespace(amp=False)),
+                        device=torch.device("cpu"), pseudo_area_bounds=None,
+                        train_forward=lambda step, *args: step(student, *args))
+    batch_x, batch_u = bcp_batches()
+    batch_x["image"] = torch.full_like(batch_x["image"], 3.0)
+    ts.bcp_step(m, batch_x, batch_u, SimpleNamespace(epoch=0, iteration=0, per_epoch=5, total=10), cfg)
+    # one target pass at BatchNorm momentum 0.1 over a constant image of 3: mean 0 -> 0.3, var 1 -> 0.9
+    assert torch.allclose(teacher[1].running_mean, torch.tensor([0.3, 0.3]))
+    assert torch.allclose(teacher[1].running_var, torch.tensor([0.9, 0.9]))
+    assert not teacher[1].training                # and it is left in eval mode
 
 
 def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
