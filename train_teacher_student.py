@@ -216,6 +216,7 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     self_training_steps = it.iteration - cfg.pretrain_epochs * it.per_epoch
     if self_training and self_training_steps % cfg.static_every == 0:
         m.static_teacher.load_state_dict(m.student.state_dict())
+        distributed.sync_buffers(m.static_teacher)  # per-process BatchNorm (CPU): rank 0's statistics
     start, end = cfg.mask_ratio_schedule
     ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
     with autocast(m.device, cfg):
@@ -226,10 +227,10 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
                                      else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
                                      cfg, ratio, u_weight, m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     if not self_training:  # no target forward yet: without this pass the EMA teacher's own
         with torch.no_grad(), autocast(m.device, cfg):  # BatchNorm statistics stayed at their initial
             m.teacher(batch_x["image"])  # values all along pre-training: it predicted organs everywhere
+    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)  # (rank 0's statistics kept)
     return logs
 
 
