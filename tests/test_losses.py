@@ -494,6 +494,8 @@ def test_build_loss_defaults_and_errors():
     assert build_loss(SimpleNamespace(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
     with pytest.raises(InputError, match="loss"):
         build_loss(SimpleNamespace(loss="focal"))
+    with pytest.raises(InputError, match="annotation_rate"):
+        build_loss(SimpleNamespace(annotation_rate=-0.1))
     with pytest.raises(InputError, match="num_classes"):
         build_loss(SimpleNamespace(loss="tvmf_dice", num_classes=None))
 

@@ -510,6 +510,9 @@ def build_loss(cfg, area_bounds=None):
     base_name = name.removeprefix("marginal_")
     num_classes = _setting(cfg, "num_classes")
     area_weight = float(_setting(cfg, "area_weight"))
+    annotation_rate = float(_setting(cfg, "annotation_rate"))
+    if not 0.0 <= annotation_rate <= 1.0:  # refused before training, not at its first step
+        raise InputError(f"annotation_rate: must be in [0, 1], got {annotation_rate}")
     if area_weight > 0 and area_bounds is None:
         raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
     if name == "tvmf_dice" and num_classes is None:
@@ -519,7 +522,7 @@ def build_loss(cfg, area_bounds=None):
                           exclusion_weight=float(_setting(cfg, "exclusion_weight")),
                           background_ce_weight=float(_setting(cfg, "background_ce_weight")),
                           zero_ce_weight=float(_setting(cfg, "zero_ce_weight")),
-                          annotation_rate=float(_setting(cfg, "annotation_rate")),
+                          annotation_rate=annotation_rate,
                           area_weight=area_weight, area_bounds=area_bounds)
 
 
