@@ -357,6 +357,11 @@ def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
     return torch.where(oversized_pixel.view_as(labels), torch.full_like(labels, ignore_index), labels)
 
 
+def _check_annotation_rate(rate):
+    if not 0.0 <= rate <= 1.0:
+        raise InputError(f"annotation_rate: must be in [0, 1], got {rate}")
+
+
 def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate=1.0):
     """Cross-entropy of the label 0 under a model of how partial masks are made: each structure
     present on a slice is annotated with probability r = `annotation_rate`, independently.
@@ -371,8 +376,7 @@ def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate
     present but unannotated (README, Losses and partial labels). Shapes as
     `marginal_cross_entropy`; returns a scalar ≥ 0 (0 when no valid 0-pixel).
     """
-    if not 0.0 <= annotation_rate <= 1.0:
-        raise InputError(f"annotation_rate: must be in [0, 1], got {annotation_rate}")
+    _check_annotation_rate(annotation_rate)
     logits, target, valid = _prepare(logits, target, ignore)
     annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
     log_weights = torch.zeros(annotated.shape, dtype=logits.dtype, device=logits.device)
@@ -511,8 +515,7 @@ def build_loss(cfg, area_bounds=None):
     num_classes = _setting(cfg, "num_classes")
     area_weight = float(_setting(cfg, "area_weight"))
     annotation_rate = float(_setting(cfg, "annotation_rate"))
-    if not 0.0 <= annotation_rate <= 1.0:  # refused before training, not at its first step
-        raise InputError(f"annotation_rate: must be in [0, 1], got {annotation_rate}")
+    _check_annotation_rate(annotation_rate)  # refused before training, not at its first step
     if area_weight > 0 and area_bounds is None:
         raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
     if name == "tvmf_dice" and num_classes is None:
