@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import train_supervised
-from dataloaders.datasets import ConcatSlices, LabeledSlices
+from dataloaders.datasets import ConcatSlices, LabeledSlices, strong_views
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             load_init_weights, semi_supervised_sets, supervised_targets)
@@ -105,6 +105,7 @@ def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, 
     student's softmax on the strong view and the teacher's on the weak view of the same unlabeled
     slices. Returns (loss, logs)."""
     img_x, num_x = batch_x["image"], len(batch_x["image"])
+    batch_u = strong_views(batch_u)  # the strong views, built on the device from the batch's draws
     with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
     logits, edge_logits = forward_with_edges(student, torch.cat([img_x, batch_u["image_s1"]]))

@@ -17,6 +17,7 @@ supervises the two strong views and a feature-perturbed decoding of the weak vie
 """
 import torch
 
+from dataloaders.datasets import strong_views
 from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
 from utils.losses import (build_loss, build_stream_loss, drop_oversized_pseudo_labels,
@@ -140,7 +141,8 @@ def main(argv=None):
                       *mix_loaders)
         for batch_x, batch_u, *batch_mix in run.steps(loaders, iterations, epoch):
             batch_x = supervised_targets(batch_x, cfg)  # instance mode: 3-class targets of the ids
-            batch_mix = batch_mix[0] if batch_mix else None
+            batch_u = strong_views(batch_u)  # s1, s2 built on the device from the batch's draws
+            batch_mix = strong_views(batch_mix[0]) if batch_mix else None
             with autocast(device, cfg):
                 loss, logs = train_forward(unimatch_step, batch_x, batch_u, batch_mix, loss_sup,
                                            loss_stream, cfg, warmup=epoch < cfg.warmup_epochs,

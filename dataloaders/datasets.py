@@ -2,10 +2,11 @@
 
 Every view is built the same way: the uint8 slice is resized to `img_size` (the `resize` inference
 uses), geometrically augmented together with its masks by one affine matrix (`cv2.warpAffine`:
-bilinear for the image, nearest for masks, fill 0) — the weak view — then, for strong views only,
-perturbed in intensity, and finally normalised with the training set's mean and std. Geometry is
-drawn once per sample, so the weak and strong views of an unlabeled slice are pixel-aligned (what
-UniMatch's pseudo-labels and Mean Teacher's consistency need).
+bilinear for the image, nearest for masks, fill 0) — the weak view — and normalised with the
+training set's mean and std. Strong views are the weak view perturbed in intensity: the worker
+only draws their parameters, and `strong_views` builds them for a whole batch on its device.
+Geometry is drawn once per sample, so the weak and strong views of an unlabeled slice are
+pixel-aligned (what UniMatch's pseudo-labels and Mean Teacher's consistency need).
 
 Randomness: a training item is `(index, sample_seed)`, as `dataloaders.sampling` lays them out,
 and every random draw of that sample comes from `np.random.default_rng(sample_seed)` — the same
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
-from scipy.special import ndtri
 from torch.utils.data import ConcatDataset, Dataset
 from torchvision.transforms import v2
 
@@ -92,14 +93,6 @@ def _resized_image(raw, img_size):
     return resize(torch.from_numpy(np.array(raw))[None], img_size)[0].numpy()
 
 
-def normalize_in_place(array, norm):
-    """`normalize` of a float32 numpy array in [0, 1], in place and bit-identical to it (both
-    subtract and divide in float32); returns the array."""
-    np.subtract(array, np.float32(norm["mean"]), out=array)
-    np.divide(array, np.float32(norm["std"]), out=array)
-    return array
-
-
 def _normalize_table(norm):
     """float32 `(256,)`: `normalize` of every uint8 value, for `cv2.LUT` (bit-identical to it)."""
     return normalize(torch.arange(256, dtype=torch.uint8), norm).numpy()
@@ -162,97 +155,123 @@ def geometric_augmentation(cfg):
 
 
 # ==== intensity augmentation ====
-# Standard-normal quantiles at the centres of 2^16 equal-probability bins: indexing this table with
-# uniform 16-bit integers samples N(0, 1) several times faster than `standard_normal` (tails are
-# cut at |z| = 4.4, i.e. 1 pixel in 90,000 lands on the last bin instead of beyond it).
-_NORMAL_QUANTILES = ndtri((np.arange(1 << 16) + 0.5) / (1 << 16)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class IntensityDraw:
-    """One strong view's perturbation of a [0, 1] image, applied in this order: brightness and
-    contrast factors (None = no jitter; `brightness_first` = their order), gamma (None = off),
-    Gaussian blur sigma (None = off), an additive noise field `(H, W) float32` (None = off)."""
-    brightness: float | None
-    contrast: float | None
-    brightness_first: bool
-    gamma: float | None
-    blur_sigma: float | None
-    noise: np.ndarray | None
+# A strong view's draw: one float64 row per view, its columns named here. An operation that is off
+# holds its identity value (factor 1, sigma 0, std 0), so every view goes through the same tensor
+# ops. `noise_seed` is an integer below 2^53 (exact in float64); `norm_mean`/`norm_std` are the
+# training set's normalisation, carried with the draw so that the batch alone defines its views.
+STRONG_DRAW_FIELDS = ("brightness", "contrast", "brightness_first", "gamma", "blur_sigma",
+                      "noise_std", "noise_seed", "norm_mean", "norm_std")
+_FIELD = {name: column for column, name in enumerate(STRONG_DRAW_FIELDS)}
 
 
 class IntensityAugmentation:
     """Strong-view intensity perturbation (torchvision's ColorJitter/GaussianBlur/GaussianNoise
     semantics): brightness and contrast jitter ±`jitter` in random order with p = 0.8, gamma
     log-uniform in `gamma_range` with p = 0.5, Gaussian blur (5×5, sigma in `blur_sigma`) with
-    p = 0.5, Gaussian noise of std `noise_sigma` with p = 0.5; the result is clipped to [0, 1]."""
+    p = 0.5, Gaussian noise of std `noise_sigma` with p = 0.5; the result is clipped to [0, 1] and
+    normalised. The worker only draws (`draw`); `strong_views` applies the draws to a batch."""
 
     def __init__(self, jitter=0.3, gamma_range=(0.7, 1.5), blur_sigma=(0.1, 1.5), noise_sigma=0.03):
-        self.jitter, self.log_gamma = jitter, np.log(gamma_range)
-        self.blur_sigma, self.noise_sigma = blur_sigma, noise_sigma
-        self.noise_table = _NORMAL_QUANTILES * np.float32(noise_sigma)  # N(0, noise_sigma²) quantiles
+        self.jitter, self.log_gamma = jitter, tuple(math.log(g) for g in gamma_range)
+        self.blur_sigma, self.noise_sigma = tuple(blur_sigma), noise_sigma
 
-    def draw(self, rng, shape):
-        """An `IntensityDraw` for an image of `shape` from the numpy Generator `rng`."""
-        brightness = contrast = None
-        brightness_first = True
-        if rng.random() < 0.8:
-            brightness, contrast = rng.uniform(1 - self.jitter, 1 + self.jitter, size=2)
-            brightness_first = bool(rng.random() < 0.5)
-        gamma = float(np.exp(rng.uniform(*self.log_gamma))) if rng.random() < 0.5 else None
-        blur_sigma = rng.uniform(*self.blur_sigma) if rng.random() < 0.5 else None
-        noise = None
-        if rng.random() < 0.5:
-            count = int(np.prod(shape))
-            bins = rng.bit_generator.random_raw(-(-count // 4)).view(np.uint16)[:count]  # 4 per draw
-            noise = self.noise_table.take(bins.astype(np.intp)).reshape(shape)  # 2x faster with intp
-        return IntensityDraw(brightness, contrast, brightness_first, gamma, blur_sigma, noise)
-
-    @staticmethod
-    def apply(image, draw):
-        """uint8 `(H, W)` image -> float32 `(H, W)` in [0, 1] perturbed by `draw`.
-
-        Jitter and gamma act on each grey level alone, so they are one 256-entry lookup table
-        (contrast blends toward the mean of the image as it is at that point, taken from the
-        histogram); blur and noise then act on the float image.
-        """
-        levels = np.arange(256, dtype=np.float32) / np.float32(255)
-        histogram = None
-
-        def clip_unit(values):  # np.clip's Python wrapper costs more than these 256 values
-            return np.minimum(np.maximum(values, 0, out=values), 1, out=values)
-
-        def brightness(values):
-            return clip_unit(values * np.float32(draw.brightness))
-
-        def contrast(values):
-            nonlocal histogram
-            if histogram is None:
-                histogram = cv2.calcHist([image], [0], None, [256], [0, 256]).ravel().astype(np.float64)
-            mean = np.float32(histogram @ values / histogram.sum())
-            return clip_unit(np.float32(draw.contrast) * values + np.float32(1 - draw.contrast) * mean)
-
-        if draw.brightness is not None:
-            for step in ((brightness, contrast) if draw.brightness_first else (contrast, brightness)):
-                levels = step(levels)
-        if draw.gamma is not None:
-            levels = levels ** np.float32(draw.gamma)
-        result = cv2.LUT(image, levels)
-        if draw.blur_sigma is not None:
-            result = cv2.GaussianBlur(result, (5, 5), draw.blur_sigma, borderType=cv2.BORDER_REFLECT_101)
-        if draw.noise is not None:
-            np.add(result, draw.noise, out=result)
-            np.clip(result, 0, 1, out=result)
-        return result
-
-    def __call__(self, image, rng):
-        """uint8 `(H, W)` -> float32 `(H, W)` in [0, 1], perturbed by a draw from `rng`."""
-        return self.apply(image, self.draw(rng, image.shape))
+    def draw(self, rng, norm):
+        """One view's row of `STRONG_DRAW_FIELDS` (a list of floats) from the numpy Generator `rng`."""
+        # one Generator call for all of a view's uniforms (scalar calls cost more than the math)
+        (jitter_p, brightness, contrast, order_p, gamma_p, gamma, blur_p, sigma, noise_p,
+         seed) = rng.random(10).tolist()
+        jitter = jitter_p < 0.8
+        low = 1 - self.jitter
+        brightness = low + 2 * self.jitter * brightness if jitter else 1.0
+        contrast = low + 2 * self.jitter * contrast if jitter else 1.0
+        brightness_first = float(not jitter or order_p < 0.5)
+        log_low, log_high = self.log_gamma
+        gamma = math.exp(log_low + (log_high - log_low) * gamma) if gamma_p < 0.5 else 1.0
+        sigma_low, sigma_high = self.blur_sigma
+        blur_sigma = sigma_low + (sigma_high - sigma_low) * sigma if blur_p < 0.5 else 0.0
+        noise_std = self.noise_sigma if noise_p < 0.5 else 0.0
+        return [brightness, contrast, brightness_first, gamma, blur_sigma, noise_std,
+                float(math.floor(seed * 2 ** 53)), norm["mean"], norm["std"]]
 
 
 def intensity_augmentation():
     """Strong-view intensity perturbation: jitter, gamma, blur, noise (README, Configuration)."""
     return IntensityAugmentation()
+
+
+# Every view's noise is a window of this one field of N(0, 1) values, generated once per device
+# from a fixed seed (the same numbers on every device and rank), starting at an offset set by the
+# view's seed: exactly Gaussian and independent within a view, and two views share values only
+# when their windows overlap (at 256², one pair of views in 128). Slicing a window costs a copy,
+# where drawing fresh normals costs ~30x more on a CPU core.
+NOISE_FIELD_SIZE = 1 << 24
+_NOISE_FIELD_SEED = 20230615
+_noise_fields = {}
+
+
+def noise_field(device):
+    """The `(NOISE_FIELD_SIZE,)` float32 N(0, 1) field on `device` (built on first use)."""
+    key = str(device)
+    if key not in _noise_fields:
+        generator = torch.Generator().manual_seed(_NOISE_FIELD_SEED)
+        _noise_fields[key] = torch.randn(NOISE_FIELD_SIZE, generator=generator).to(device)
+    return _noise_fields[key]
+
+
+def gaussian_kernels(sigma):
+    """`sigma (V,)` -> `(V, 1, 5, 5)` float32 normalised Gaussian kernels (cv2's and torchvision's
+    5-tap weights exp(-t²/2σ²), t = -2..2, as an outer product). sigma 0 gives the identity
+    kernel exactly: its off-centre weights underflow to 0."""
+    taps = torch.arange(-2, 3, dtype=torch.float32, device=sigma.device)
+    weights = torch.exp(-taps ** 2 / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    weights = weights / weights.sum(1, keepdim=True)
+    return (weights[:, :, None] * weights[:, None, :])[:, None]
+
+
+def strong_views(batch):
+    """A batch of unlabeled views -> the same dict plus its two strong views `image_s1`,
+    `image_s2` `[B, 1, S, S]` float32, built on the batch's device in a few batched tensor ops.
+
+    Reads `image_w_uint8 [B, 1, S, S]` uint8 (the weak views) and `strong_draws [B, 2, F]` float64
+    (rows of `STRONG_DRAW_FIELDS`, one per strong view), as `UnlabeledSlices` yields them. Per
+    view, in `IntensityAugmentation`'s order: brightness and contrast (contrast blends toward
+    the mean of the image as it is at that point), gamma — all three act on each grey level
+    alone, so they are one 256-entry table per view —, the 5×5 Gaussian blur (reflect-101 border,
+    cv2's default), the noise, clip to [0, 1], normalise. No host sync; float32 under autocast too.
+    """
+    weak, draws = batch["image_w_uint8"], batch["strong_draws"]
+    num, _, height, width = weak.shape
+    pixels = height * width
+    with torch.autocast(weak.device.type, enabled=False):
+        field = {name: draws[..., column, None].float() for name, column in _FIELD.items()}  # [B, 2, 1]
+        # contrast's mean: of the image (contrast first) or of the brightened image (brightness
+        # first), both in one pass: factor 1 then each view's brightness
+        brightness = field["brightness"]
+        factors = torch.cat([torch.ones_like(brightness[:, :1]), brightness], 1) / 255
+        means = (weak.view(num, 1, pixels) * factors).clamp_(0, 1).mean(2, keepdim=True)
+        image_mean, brightened_mean = means[:, :1], means[:, 1:]
+
+        def blend(values, mean):  # contrast toward `mean`
+            return (field["contrast"] * values + (1 - field["contrast"]) * mean).clamp(0, 1)
+        levels = torch.arange(256, dtype=torch.float32, device=weak.device) / 255
+        brightness_first = blend((levels * brightness).clamp(0, 1), brightened_mean)
+        contrast_first = (blend(levels, image_mean) * brightness).clamp(0, 1)
+        table = torch.where(field["brightness_first"] > 0, brightness_first, contrast_first)
+        gamma = field["gamma"]
+        table = torch.where(gamma != 1, table ** gamma, table)  # gamma 1 = off: exactly unchanged
+
+        # the table looked up on the reflect-101-padded pixels, then one grouped convolution with a
+        # kernel per view (padding the uint8 image is 8x less memory than padding the float views)
+        padded = F.pad(weak, (2, 2, 2, 2), mode="reflect").view(num, 1, -1).long()
+        views = table.gather(2, padded.expand(num, 2, -1)).view(1, 2 * num, height + 4, width + 4)
+        views = F.conv2d(views, gaussian_kernels(field["blur_sigma"].view(-1)), groups=2 * num)
+
+        offsets = draws[..., _FIELD["noise_seed"]].long() % (NOISE_FIELD_SIZE - pixels + 1)
+        noise = noise_field(weak.device).unfold(0, pixels, 1).index_select(0, offsets.view(-1))
+        views = views.view(num, 2, pixels).addcmul_(noise.view(num, 2, pixels), field["noise_std"])
+        views = views.clamp_(0, 1).sub_(field["norm_mean"]).div_(field["norm_std"])
+        views = views.view(num, 2, height, width)
+    return {**batch, "image_s1": views[:, :1], "image_s2": views[:, 1:]}
 
 
 # ==== datasets ====
@@ -308,11 +327,12 @@ class LabeledSlices(Dataset):
 
 
 class UnlabeledSlices(Dataset):
-    """Unlabeled slices: one weak view and two independently perturbed strong views of the same
-    geometry. Yields `image_w`, `image_s1`, `image_s2` float32 [1,S,S] and `index` (an index into
-    `images`). `images` is any `(N,H,W) uint8` array (training and/or test slices); `geometry` a
-    `GeometricAugmentation`, `intensity` a callable (uint8 `(S,S)` image, Generator) -> float32
-    `(S,S)` in [0, 1] such as `IntensityAugmentation`.
+    """Unlabeled slices: one weak view and the draws of two independent strong views of the same
+    geometry. Yields `image_w` float32 [1,S,S] (normalised), `image_w_uint8` uint8 [1,S,S] (its
+    pixels), `strong_draws` float64 [2, len(STRONG_DRAW_FIELDS)] and `index` (an index into
+    `images`); `strong_views` turns a batch of them into `image_s1`, `image_s2` on the device.
+    `images` is any `(N,H,W) uint8` array (training and/or test slices); `geometry` a
+    `GeometricAugmentation`, `intensity` an `IntensityAugmentation`.
     """
 
     def __init__(self, images, indices, img_size, norm, geometry, intensity):
@@ -329,11 +349,10 @@ class UnlabeledSlices(Dataset):
         index = int(self.indices[position])
         weak = _resized_image(self.images[index], self.img_size)
         weak = warp(weak, self.geometry.draw(rng, self.img_size).matrix(self.img_size))
-
-        def strong():
-            return torch.from_numpy(normalize_in_place(self.intensity(weak, rng), self.norm))[None]
+        draws = [self.intensity.draw(rng, self.norm) for _ in range(2)]
         return {"image_w": torch.from_numpy(cv2.LUT(weak, self.normalize_table))[None],
-                "image_s1": strong(), "image_s2": strong(), "index": index}
+                "image_w_uint8": torch.from_numpy(weak)[None],
+                "strong_draws": torch.tensor(draws, dtype=torch.float64), "index": index}
 
 
 class ConcatSlices(ConcatDataset):

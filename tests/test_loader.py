@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from conftest import write_challenge_folder
 from dataloaders import load_challenge, make_split
 from dataloaders.datasets import LabeledSlices, UnlabeledSlices, geometric_augmentation, \
-    intensity_augmentation, normalization_stats
+    intensity_augmentation, normalization_stats, strong_views
 from utils.config import load_config
 from utils.errors import InputError
 
@@ -209,18 +210,11 @@ def test_datasets_yield_the_documented_tensors(tiny_phantom):
     assert (plain["mask"].numpy() == raw).mean() > 0.97
     unlabeled = UnlabeledSlices(data.train_images, split.unlabeled, 64, norm,
                                 geometric_augmentation(cfg), intensity_augmentation())
-    views = unlabeled[0]
-    assert all(views[k].shape == (1, 64, 64) for k in ("image_w", "image_s1", "image_s2"))
+    sample = unlabeled[0]
+    assert sample["image_w"].dtype == torch.float32 and sample["image_w"].shape == (1, 64, 64)
+    assert sample["image_w_uint8"].dtype == torch.uint8 and sample["image_w_uint8"].shape == (1, 64, 64)
+    assert sample["strong_draws"].dtype == torch.float64 and sample["strong_draws"].shape == (2, 9)
+    views = strong_views(default_collate([sample, unlabeled[1]]))
+    assert all(views[k].dtype == torch.float32 and views[k].shape == (2, 1, 64, 64)
+               for k in ("image_w", "image_s1", "image_s2"))
     assert not torch.equal(views["image_s1"], views["image_s2"])  # independent strong views
-
-
-def test_strong_views_share_the_weak_geometry(tiny_phantom):
-    """A strong view is the weak view with only intensity changed: the same pixels stay dark."""
-    cfg = load_config("supervised", [])
-    data = load_challenge(tiny_phantom)
-    norm = {"mean": 0.0, "std": 1.0}
-    identity_intensity = UnlabeledSlices(data.train_images, [0], 64, norm,
-                                         geometric_augmentation(cfg), lambda image, rng: image / np.float32(255))
-    torch.manual_seed(0)
-    views = identity_intensity[0]
-    assert torch.equal(views["image_w"], views["image_s1"])

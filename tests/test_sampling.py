@@ -1,11 +1,13 @@
-"""The epoch's global sample sequence: ranks, workers and the global RNG change nothing."""
+"""The epoch's global sample sequence: ranks, workers and the global RNG change nothing (the strong
+views built from the batch included)."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from dataloaders.datasets import ConcatSlices, GeometricAugmentation, LabeledSlices
+from dataloaders.datasets import (ConcatSlices, GeometricAugmentation, IntensityAugmentation, LabeledSlices,
+                                  UnlabeledSlices, strong_views)
 from dataloaders.sampling import EpochSampler, epoch_loader
 
 LAYOUT = dict(seed=3, epoch=2, stream=1, num_batches=4)
@@ -56,6 +58,23 @@ def test_workers_and_the_global_generators_change_nothing():
     for ours, theirs in zip(in_process, with_workers, strict=True):
         for key in ("image", "mask", "certain_background", "index"):
             assert torch.equal(ours[key], theirs[key])
+
+
+def test_strong_views_are_the_same_whatever_the_workers_and_the_rank_split():
+    """The strong views come from each sample's own draws: 1 process × batch 4 in the main process,
+    the same with 2 workers, and 2 ranks × batch 2 give the same pixels."""
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    dataset = UnlabeledSlices(images, np.arange(5), 32, {"mean": 0.5, "std": 0.25},
+                              GeometricAugmentation(20.0, (0.8, 1.2), 0.1, False), IntensityAugmentation())
+    single = [strong_views(batch) for batch in epoch_loader(dataset, batch_size=4, num_workers=0, **LAYOUT)]
+    with_workers = [strong_views(batch) for batch in epoch_loader(dataset, batch_size=4, num_workers=2, **LAYOUT)]
+    ranks = [[strong_views(batch) for batch in epoch_loader(dataset, batch_size=2, num_workers=0, rank=rank,
+                                                            world_size=2, **LAYOUT)] for rank in (0, 1)]
+    for batch, whole in enumerate(single):
+        for key in ("image_w", "image_s1", "image_s2"):
+            assert torch.equal(with_workers[batch][key], whole[key])
+            assert torch.equal(torch.cat([ranks[0][batch][key], ranks[1][batch][key]]), whole[key])
+    assert not torch.equal(single[0]["image_s1"], single[0]["image_s2"])
 
 
 def test_an_epoch_depends_on_seed_epoch_and_stream():

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.data import default_collate
 from conftest import IntensityClassifier, Recorder
 
 import test as test_script
 import train_teacher_student as ts
-from dataloaders.datasets import UnlabeledSlices, geometric_augmentation, intensity_augmentation
+from dataloaders.datasets import (GeometricAugmentation, UnlabeledSlices, geometric_augmentation,
+                                  intensity_augmentation, strong_views)
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
 from utils.losses import build_stream_loss, edge_loss, edge_targets
@@ -93,9 +95,9 @@ def test_weak_and_strong_views_share_geometry():
                             intensity_augmentation())
     weak_centroids = []
     for _ in range(6):
-        sample = views[0]
-        weak = bright_centroid(sample["image_w"])
-        for strong in (sample["image_s1"], sample["image_s2"]):
+        sample = strong_views(default_collate([views[0]]))
+        weak = bright_centroid(sample["image_w"][0])
+        for strong in (sample["image_s1"][0], sample["image_s2"][0]):
             assert np.allclose(bright_centroid(strong), weak, atol=0.75)
         weak_centroids.append(weak)
     assert np.ptp(np.array(weak_centroids), axis=0).max() > 2    # the geometry itself is random
@@ -252,10 +254,12 @@ def test_consistency_sums_the_squared_difference_over_classes():
     student_logits = torch.zeros(3, 2, 2, 2)               # 1 labeled + 2 unlabeled slices
     student_logits[1:, 0] = math.log(3.0)                  # student on unlabeled: (0.75, 0.25)
     teacher = FixedLogits(torch.zeros(2, 2, 2, 2))         # teacher: (0.5, 0.5)
-    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+    batch_x = {"image": torch.zeros(1, 1, 4, 4), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
                "annotated": torch.ones(1, 2, dtype=torch.bool),
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
-    batch_u = {"image_w": torch.zeros(2, 1, 2, 2), "image_s1": torch.zeros(2, 1, 2, 2)}
+    sample = UnlabeledSlices(np.zeros((1, 4, 4), np.uint8), [0], 4, {"mean": 0.0, "std": 1.0},
+                             GeometricAugmentation(0.0, (1, 1), 0.0, False), intensity_augmentation())[0]
+    batch_u = default_collate([sample, sample])  # the student's logits are fixed: any strong view
     loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
                                      Recorder(), Recorder(), bcp_cfg(), weight=2.0)
     # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
