@@ -31,16 +31,18 @@ import torch
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation, intensity_augmentation,
-                                  normalization_stats, normalize, outside_air_mask, resize)
+                                  normalization_stats, normalize, outside_air_mask, resize, strong_views)
 from dataloaders.label_csv import load_label_masks, read_label_csv, write_label_csv
 from dataloaders.phantom import render_slice
 from dataloaders.sampling import epoch_loader
 from networks import build_model
 from utils.builders import build_network, compile_network, network_family
 from utils.config import Config, load_config
+from utils.engine import to_device
 from utils.metrics import per_class_dice, rand_index
 from utils.optim import autocast, make_scaler, optimizer_step
 
@@ -261,9 +263,12 @@ def _interleaved_seconds(functions, rounds, calls):
     return best
 
 
-def bench_pipeline(report, size=256, quick=False):
+def bench_pipeline(report, size=256, quick=False, batch=8):
     """Samples/s on one core of the labeled, unlabeled (weak + two strong views) and evaluation
-    paths vs the v2 reference, on phantom slices at size²; both run single-threaded."""
+    paths vs the v2 reference, on phantom slices at size²; both run single-threaded. The unlabeled
+    path counts everything that makes its training tensors: the worker's samples, their collation
+    and `strong_views` on batches of `batch` (run on this CPU; on a GPU that part leaves the CPU,
+    so the worker's share is also printed, and `strong_views` on CUDA when present)."""
     if quick:
         size = 64
     rounds, calls = (2, 3) if quick else (5, 40)
@@ -277,22 +282,39 @@ def bench_pipeline(report, size=256, quick=False):
                                 intensity_augmentation())
     reference = _V2Pipeline(cfg, data, size, norm)
     count = len(indices)
-    paths = {
+
+    def worker_batch(i):  # what the DataLoader workers deliver: `batch` samples, collated
+        return default_collate([unlabeled[(j % count, j)] for j in range(batch * i, batch * (i + 1))])
+    one_sample = {
         "labeled": (lambda i: reference.labeled(i % count), lambda i: labeled[(i % count, i)]),
-        "unlabeled (weak + 2 strong)": (lambda i: reference.unlabeled(i % count),
-                                        lambda i: unlabeled[(i % count, i)]),
         "evaluation": (lambda i: reference.labeled(i % count, augment=False), lambda i: evaluation[i % count]),
     }
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OpenCV runs on one thread in the datasets already
     try:
-        for name, (naive, fast) in paths.items():
+        for name, (naive, fast) in one_sample.items():
             seconds = _interleaved_seconds({"v2": naive, "new": fast}, rounds, calls)
             report(f"input pipeline {name} ({size}², 1 core)",
                    f"v2 {1 / seconds['v2']:.0f} samples/s vs {1 / seconds['new']:.0f} samples/s: "
                    f"{seconds['v2'] / seconds['new']:.1f}x")
+        seconds = _interleaved_seconds({
+            "v2": lambda i: [reference.unlabeled(j % count) for j in range(batch * i, batch * (i + 1))],
+            "new": lambda i: strong_views(worker_batch(i)), "worker": worker_batch}, rounds, max(1, calls // batch))
+        per_sample = {name: value / batch for name, value in seconds.items()}
+        report(f"input pipeline unlabeled, weak + 2 strong ({size}², 1 core)",
+               f"v2 {1 / per_sample['v2']:.0f} samples/s vs {1 / per_sample['new']:.0f} samples/s: "
+               f"{per_sample['v2'] / per_sample['new']:.1f}x (strong views batched on this CPU, batch {batch})")
+        report("  of which the workers (the CPU's part with the strong views on a GPU)",
+               f"{1 / per_sample['worker']:.0f} samples/s: {per_sample['v2'] / per_sample['worker']:.1f}x the v2 "
+               f"reference; strong_views {1e3 * (per_sample['new'] - per_sample['worker']):.3f} ms/sample on this CPU")
     finally:
         torch.set_num_threads(torch_threads)
+    if not torch.cuda.is_available():
+        report("  strong_views on CUDA", "no CUDA: skipped")
+        return
+    on_device = to_device(worker_batch(0), torch.device("cuda"))
+    seconds = _seconds_per_call(lambda: strong_views(on_device), torch.device("cuda"), min_seconds=0.5, min_calls=10)
+    report(f"  strong_views on CUDA (batch {batch})", f"{1e3 * seconds / batch:.4f} ms/sample")
 
 
 def bench_loading(report, quick=False):
