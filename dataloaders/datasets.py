@@ -263,8 +263,8 @@ def strong_views(batch):
         gamma = field["gamma"]
         table = torch.where(gamma != 1, table ** gamma, table)  # gamma 1 = off: exactly unchanged
 
-        # the table looked up on the reflect-101-padded pixels, then one grouped convolution with a
-        # kernel per view (padding the uint8 image is 8x less memory than padding the float views)
+        # the table looked up on the reflect-101-padded pixels (one uint8 image to pad per sample,
+        # not two float views), then one grouped convolution with a kernel per view
         padded = F.pad(weak, (2, 2, 2, 2), mode="reflect").view(num, 1, -1).long()
         views = table.gather(2, padded.expand(num, 2, -1)).view(1, 2 * num, height + 4, width + 4)
         views = F.conv2d(views, gaussian_kernels(field["blur_sigma"].view(-1)), groups=2 * num)

@@ -170,8 +170,8 @@ def test_operations_that_are_off_leave_the_weak_view_bit_for_bit():
 
 def test_noise_is_gaussian_and_follows_the_view_seed_whatever_the_batch():
     grey = np.full((4, 64, 64), 128, np.uint8)               # far from the clip at 0 and 1
-    seeds = np.random.default_rng(0).integers(2 ** 53, size=8)   # as the worker draws them
-    rows = [draw_row(noise_std=0.03, noise_seed=float(seed)) for seed in seeds]
+    drawn = np.random.default_rng(0).integers(2 ** 53, size=8)   # noise seed per view, as a worker draws it
+    rows = [draw_row(noise_std=0.03, noise_seed=float(seed)) for seed in drawn]
     views = strong_views(strong_batch(grey, rows))
     noise = torch.stack([views["image_s1"], views["image_s2"]], 1).flatten(0, 1).view(8, -1) - 128 / 255
     assert abs(noise.mean()) < 1e-3 and noise.std().item() == pytest.approx(0.03, rel=0.02)
@@ -208,8 +208,8 @@ def test_intensity_draws_follow_their_probabilities_and_ranges():
     sigmas = field["blur_sigma"][field["blur_sigma"] > 0]
     assert 0.46 < len(sigmas) / 2000 < 0.54 and 0.1 <= sigmas.min() and sigmas.max() <= 1.5
     assert set(field["noise_std"]) == {0.0, 0.03} and 0.46 < np.mean(field["noise_std"] > 0) < 0.54
-    seeds = field["noise_seed"]
-    assert np.all(seeds == np.floor(seeds)) and len(set(seeds)) == 2000 and seeds.max() < 2 ** 53
+    noise_seed = field["noise_seed"]
+    assert np.all(noise_seed == np.floor(noise_seed)) and len(set(noise_seed)) == 2000 and noise_seed.max() < 2 ** 53
     assert set(field["norm_mean"]) == {0.1} and set(field["norm_std"]) == {0.2}
 
 
