@@ -12,10 +12,11 @@
 - pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a
   teacher trained on the labeled split (train_supervised.py, in <run>/teacher/, or
   `--teacher_ckpt`) labels every unlabeled slice; the `pseudo_share` of them it is surest of
-  (mean confidence over its predicted foreground) join the labeled ones (repeated to match),
-  pixels under `conf_thresh` ignored; they are saved in <run>/pseudo_labels/. They are complete
-  labels, trained with `stream_loss` (Dice + CE: a 0-pixel is background), the labeled slices
-  with the supervised loss. The student starts from the teacher's weights
+  (mean confidence over its predicted foreground) are kept, pixels under `conf_thresh` ignored,
+  and saved in <run>/pseudo_labels/. Each step trains a whole labeled batch with the supervised
+  loss and as many pseudo-labelled slices on top, as complete labels with `stream_loss` (Dice +
+  CE: a 0-pixel is background); an epoch is a pass over the labeled slices, as in
+  train_supervised.py. The student starts from the teacher's weights
   (`init_student_from_teacher`), so the teacher's training is not thrown away.
 - mean_teacher — Tarvainen & Valpola, "Mean teachers are better role models", NeurIPS 2017: the
   teacher is an EMA of the student. Both modes add w·MSE between the student's probabilities on
@@ -47,7 +48,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import train_supervised
-from dataloaders.datasets import ConcatSlices, LabeledSlices, strong_views
+from dataloaders.datasets import LabeledSlices, strong_views
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
                             load_init_weights, semi_supervised_sets, supervised_targets)
@@ -68,6 +69,7 @@ from utils.teachers import (OwnStatistics, Renormalized, ema_update, freeze_enco
                             largest_component_labels, run_length_alpha, sigmoid_rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
+LABELED_KEYS = ("image", "mask", "annotated", "certain_background")
 SCHEDULES = ("joint", "pretrain_finetune")
 
 
@@ -123,17 +125,19 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
              area_bounds=None):
     """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
 
-    A box of side `ratio`·side (uniform position, as the authors' code) marks the pasted region.
-    Pre-training: labeled slices x_a with the box taken from x_b. Self-training: u_a around a box
-    of x_a, and x_b around a box of u_b; ground truth at weight 1, pseudo-labels at `u_weight`
-    (the config's, ramped in after pre-training by the caller),
-    pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
+    One box of side `ratio`·side per slice (uniform position, as the authors' code) marks the
+    pasted region. Pre-training: each labeled slice around the box of the next one in the batch.
+    Self-training: each unlabeled slice u around the box of the labeled slice x at its position,
+    and x around the same box of u. Both directions use the whole batches, so every
+    ground-truth pixel is trained once per step, as in supervised training (the authors pair
+    halves of the batches, which trains half of them: README, Results on the phantom). Ground
+    truth at weight 1, pseudo-labels at `u_weight` (the config's, ramped in after pre-training
+    by the caller), pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
     """
-    half = len(batch_x["image"]) // 2
-    x_a, x_b = ({k: v[i * half:(i + 1) * half] for k, v in batch_x.items()} for i in range(2))
     logs = {}
     if teachers is None:
-        pairs = [(x_a, x_b)]
+        partners = {key: batch_x[key].roll(-1, 0) for key in LABELED_KEYS}
+        pairs = [(batch_x, partners)]
     else:
         img_u_w = batch_u["image_w"]
         pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
@@ -143,13 +147,12 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
         if area_bounds is not None:  # pseudo_area_filter: a class far beyond its plausible area
             pseudo = drop_oversized_pseudo_labels(pseudo, area_bounds)
         # the rest is complete: each of their 0-pixels is (believed) background
-        u_a, u_b = ({"image": image, "mask": mask, "certain_background": mask != IGNORE_INDEX}
-                    for image, mask in zip(img_u_w.chunk(2), pseudo.chunk(2)))
-        pairs = [(u_a, x_a), (x_b, u_b)]
+        unlabeled = {"image": img_u_w, "mask": pseudo, "certain_background": pseudo != IGNORE_INDEX}
+        pairs = [(unlabeled, batch_x), (batch_x, unlabeled)]
         logs = {"conf_teacher": conf_u_w.mean(), "static_share": from_static.float().mean(),
                 "pseudo_ignored": (pseudo == IGNORE_INDEX).float().mean()}
     height, width = batch_x["image"].shape[-2:]
-    box = random_boxes(half, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
+    box = random_boxes(len(batch_x["image"]), height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
                        batch_x["image"].device)
     logits, edge_logits = forward_with_edges(
         student, torch.cat([paste(outer["image"], inner["image"], box) for outer, inner in pairs]))
@@ -255,8 +258,6 @@ def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True):
     return labels, torch.maximum(conf_dynamic, conf_static), from_static
 
 
-
-
 # ==== pseudo_label: teacher and pseudo-label set ====
 def score_pseudo_labels(labels, confidence, conf_thresh):
     """Score teacher predictions, slice by slice (so that processes can share the pool).
@@ -293,12 +294,9 @@ class SourceTagged(Dataset):
         return {**self.dataset[item], "pseudo_labelled": self.flag}
 
 
-def balanced_joint_set(labeled_set, pseudo_set):
-    """The labeled slices repeated round(pseudo / labeled) times (at least once), then the
-    pseudo-labelled ones: a random batch holds about as many of each, so a large pseudo-labelled
-    set does not drown the ground truth."""
-    repeats = max(1, round(len(pseudo_set) / len(labeled_set)))
-    return ConcatSlices([labeled_set] * repeats + [pseudo_set])
+def concatenated(batches):
+    """Batch dicts with the same keys -> one batch dict, their tensors concatenated in order."""
+    return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
 
 
 def prepare_teacher(cfg, device):
@@ -325,8 +323,6 @@ def prepare_teacher(cfg, device):
                          f"run has {cfg.label_mode}")
     print(f"Teacher: {path} ({weights} weights)")
     return teacher, path, weights, state["data"]
-
-
 
 
 def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cfg, out_dir, device,
@@ -415,9 +411,10 @@ def check_options(cfg):
     if not 0 <= cfg.ema_alpha < 1:
         raise InputError(f"ema_alpha: {cfg.ema_alpha} is not a decay in [0, 1) (0 = sized to the run)")
     if cfg.mode == "bcp":
-        if cfg.batch_size % 2 or cfg.batch_size_unlabeled not in (0, cfg.batch_size):
-            raise InputError(f"batch_size: BCP pairs the halves of a batch, so it needs an even "
-                             f"batch_size ({cfg.batch_size}) and batch_size_unlabeled 0")
+        if cfg.batch_size_unlabeled not in (0, cfg.batch_size):
+            raise InputError(f"batch_size_unlabeled: BCP pairs each unlabeled slice with a labeled "
+                             f"one, so it must be 0 or batch_size ({cfg.batch_size}), not "
+                             f"{cfg.batch_size_unlabeled}")
         if len(cfg.mask_ratio_schedule) != 2 or not all(0 < r < 1 for r in cfg.mask_ratio_schedule):
             raise InputError(f"mask_ratio_schedule: {cfg.mask_ratio_schedule} is not [start, end] "
                              "with both between 0 and 1")
@@ -437,7 +434,7 @@ def main(argv=None):
     cfg.out_dir = str(run_directory(cfg, cfg.mode))
 
     # ==== pseudo_label: teacher, pseudo-labels, and the training set of each phase ====
-    phase_sets, iterations = (labeled_set, labeled_set), None
+    phase_streams, iterations = ((labeled_set,),) * 2, None  # the labeled batches of each phase
     teacher = teacher_path = teacher_weights = None
     pseudo_logs = {}
     area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
@@ -451,11 +448,12 @@ def main(argv=None):
             Path(cfg.out_dir) / "pseudo_labels", device, pseudo_area_bounds)
         pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        pseudo_set = SourceTagged(pseudo_set, True)
-        joint_set = balanced_joint_set(SourceTagged(labeled_set, False), pseudo_set)
-        phase_sets = (joint_set,) * 2 if cfg.schedule == "joint" else (pseudo_set, labeled_set)
-        # an epoch: each labeled slice once and as many pseudo-labelled ones, whatever n_keep
-        iterations = iterations_per_epoch(cfg, 2 * len(labeled_set), cfg.batch_size)
+        pseudo_set, tagged_labeled = SourceTagged(pseudo_set, True), SourceTagged(labeled_set, False)
+        # joint: a whole labeled batch and as many pseudo-labelled slices on top, so the student
+        # trains on as much ground truth per step as supervised training (README, Results)
+        phase_streams = (((tagged_labeled, pseudo_set),) * 2 if cfg.schedule == "joint"
+                         else ((pseudo_set,), (tagged_labeled,)))
+        iterations = iterations_per_epoch(cfg, len(labeled_set), cfg.batch_size)  # as supervised
         if facts["normalize"] != norm:
             teacher = Renormalized(teacher, norm, facts["normalize"])
     iterations = iterations or iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
@@ -495,11 +493,13 @@ def main(argv=None):
     for epoch in range(run.start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
         student.train()
-        train_set = phase_sets[int(epoch >= cfg.pretrain_epochs)]
-        loaders = zip(epoch_loader(train_set, cfg, epoch, iterations, cfg.batch_size, stream=0),
-                      epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1))
-        for batch_x, batch_u in run.steps(loaders, iterations, epoch):
-            batch_x = supervised_targets(batch_x, cfg)  # instance mode: 3-class targets of the ids
+        streams = phase_streams[int(epoch >= cfg.pretrain_epochs)]
+        loaders = zip(epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
+                      *(epoch_loader(dataset, cfg, epoch, iterations, cfg.batch_size, stream=stream)
+                        for dataset, stream in zip(streams, (0, 2))))
+        for batch_u, *batches_x in run.steps(loaders, iterations, epoch):
+            # instance mode: 3-class targets of the ids
+            batch_x = supervised_targets(concatenated(batches_x), cfg)
             position = SimpleNamespace(epoch=epoch, iteration=run.iteration,
                                        per_epoch=iterations, total=total_iterations)
             logs = train_step(parts, batch_x, batch_u, position, cfg)

@@ -133,14 +133,12 @@ def test_pseudo_label_count(n_pseudo, share, pool, expected):
     assert ts.pseudo_label_count(cfg, pool) == expected
 
 
-@pytest.mark.parametrize("labeled, pseudo, repeats", [(8, 180, 22), (8, 8, 1), (8, 3, 1), (5, 13, 3)])
-def test_balanced_joint_set_repeats_the_labeled_slices(labeled, pseudo, repeats):
-    labeled_set, pseudo_set = [("x", i) for i in range(labeled)], [("u", i) for i in range(pseudo)]
-    joint = ts.balanced_joint_set(labeled_set, pseudo_set)
-    items = [joint[i] for i in range(len(joint))]
-    assert len(items) == repeats * labeled + pseudo
-    assert all(items.count(("x", i)) == repeats for i in range(labeled))
-    assert all(items.count(("u", i)) == 1 for i in range(pseudo))
+def test_concatenated_joins_the_labeled_and_pseudo_labelled_batches_in_order():
+    labeled = {"mask": torch.zeros(2, 3, 3), "pseudo_labelled": torch.tensor([False, False])}
+    pseudo = {"mask": torch.ones(1, 3, 3), "pseudo_labelled": torch.tensor([True])}
+    joint = ts.concatenated([labeled, pseudo])
+    assert joint["pseudo_labelled"].tolist() == [False, False, True]
+    assert joint["mask"].sum((1, 2)).tolist() == [0, 0, 9]
 
 
 def test_the_student_continues_its_teachers_adamw_moments(tmp_path):
@@ -194,17 +192,18 @@ def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                              bcp_cfg(), ratio=0.5, u_weight=0.5)
     mixed = student.inputs[0][:, 0]
-    box = mixed[:2] == 1.0                 # first mixed pair: labeled patches inside unlabeled slices
-    assert torch.equal(box, mixed[2:] == 0.0)           # same box in the other direction
-    assert box.sum((1, 2)).tolist() == [64, 64]         # side 0.5 · 16 = 8
+    assert len(mixed) == 8                 # every labeled and unlabeled slice, both directions
+    box = mixed[:4] == 1.0                 # labeled patches inside the unlabeled slices
+    assert torch.equal(box, mixed[4:] == 0.0)           # the same box in the other direction
+    assert box.sum((1, 2)).tolist() == [64] * 4         # side 0.5 · 16 = 8
     rows, cols = box[0].any(1).nonzero().flatten(), box[0].any(0).nonzero().flatten()
     assert len(rows) == len(cols) == 8 and rows.diff().eq(1).all() and cols.diff().eq(1).all()
     (gt_in_u, gt_around_u), (pseudo_around_x, pseudo_in_x) = loss_sup.calls, loss_stream.calls
-    # ground truth of x_a inside the box, of x_b around it, each with its own annotated classes
-    assert torch.equal(gt_in_u["target"], batch_x["mask"][:2]) and torch.equal(gt_in_u["ignore"], ~box)
-    assert torch.equal(gt_in_u["annotated"], batch_x["annotated"][:2])
-    assert torch.equal(gt_around_u["target"], batch_x["mask"][2:]) and torch.equal(gt_around_u["ignore"], box)
-    assert torch.equal(gt_around_u["annotated"], batch_x["annotated"][2:])
+    # each labeled slice's ground truth inside the box once and around it once: every pixel once
+    assert torch.equal(gt_in_u["target"], batch_x["mask"]) and torch.equal(gt_in_u["ignore"], ~box)
+    assert torch.equal(gt_around_u["target"], batch_x["mask"]) and torch.equal(gt_around_u["ignore"], box)
+    assert torch.equal(gt_in_u["annotated"], batch_x["annotated"])
+    assert torch.equal(gt_around_u["annotated"], batch_x["annotated"])
     # pseudo-labels (class 2 for the value-0 unlabeled slices) in the other regions
     assert (pseudo_around_x["target"] == 2).all() and torch.equal(pseudo_around_x["ignore"], box)
     assert (pseudo_in_x["target"] == 2).all() and torch.equal(pseudo_in_x["ignore"], ~box)
@@ -226,18 +225,22 @@ def test_rampup_starts_at_its_epoch_and_follows_the_sigmoid_shape():
     assert ts.rampup(SimpleNamespace(rampup_epochs=0), SimpleNamespace(iteration=0, per_epoch=10)) == 1.0
 
 
-def test_bcp_pretraining_mixes_labeled_slices_with_their_own_labels():
+def test_bcp_pretraining_mixes_each_labeled_slice_with_the_next_ones_box():
     torch.manual_seed(1)
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
-    batch_x["image"][2:] = 0.5
+    batch_x["image"] = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()
     loss, _ = ts.bcp_loss(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75, 0.5)
-    box = student.inputs[0][:, 0] == 0.5                 # x_b's box inside x_a
-    assert box.sum((1, 2)).tolist() == [144, 144] and not loss_stream.calls
+    mixed = student.inputs[0][:, 0]
+    partner = torch.tensor([1, 2, 3, 0])                 # slice i takes the box of slice i + 1
+    box = mixed == batch_x["image"][partner, 0]
+    assert torch.equal(~box, mixed == batch_x["image"][:, 0])
+    assert box.sum((1, 2)).tolist() == [144] * 4 and not loss_stream.calls   # side 12 of 16
     outer, inner = loss_sup.calls
-    assert torch.equal(outer["target"], batch_x["mask"][:2]) and torch.equal(outer["ignore"], box)
-    assert torch.equal(inner["target"], batch_x["mask"][2:]) and torch.equal(inner["ignore"], ~box)
-    assert torch.equal(inner["annotated"], batch_x["annotated"][2:])
+    assert torch.equal(outer["target"], batch_x["mask"]) and torch.equal(outer["ignore"], box)
+    assert torch.equal(inner["target"], batch_x["mask"][partner]) and torch.equal(inner["ignore"], ~box)
+    assert torch.equal(inner["annotated"], batch_x["annotated"][partner])
+    assert torch.equal(inner["certain_background"], batch_x["certain_background"][partner])
     assert loss.item() == 1 + 2
 
 
@@ -420,7 +423,8 @@ def test_edge_targets_against_a_pixel_loop():
 # ==== a smoke run of each mode, read back by test.py ====
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "co_training"], "mode: unknown 'co_training'"),
-    (["--mode", "bcp", "--batch_size", "3", "--pretrain_epochs", "1"], "batch_size: BCP pairs"),
+    (["--mode", "bcp", "--batch_size_unlabeled", "3", "--pretrain_epochs", "1"],
+     "batch_size_unlabeled: BCP pairs"),
     (["--mode", "bcp", "--pretrain_epochs", "2"], "pretrain_epochs: 2 leaves no epoch"),
     (["--mode", "mean_teacher", "--freeze_encoder_stages", "6"], "freeze_encoder_stages: 6"),
     (["--mode", "pseudo_label", "--pseudo_share", "0"], "pseudo_share: 0 is not a share"),
