@@ -14,7 +14,7 @@ from conftest import IntensityClassifier, Recorder
 
 import test as test_script
 import train_teacher_student as ts
-from dataloaders.datasets import (GeometricAugmentation, UnlabeledSlices, geometric_augmentation,
+from dataloaders.datasets import (STRONG_DRAW_FIELDS, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation, strong_views)
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
@@ -253,19 +253,37 @@ class FixedLogits(nn.Module):
         return self.logits
 
 
-def test_consistency_sums_the_squared_difference_over_classes():
-    student_logits = torch.zeros(3, 2, 2, 2)               # 1 labeled + 2 unlabeled slices
-    student_logits[1:, 0] = math.log(3.0)                  # student on unlabeled: (0.75, 0.25)
-    teacher = FixedLogits(torch.zeros(2, 2, 2, 2))         # teacher: (0.5, 0.5)
-    batch_x = {"image": torch.zeros(1, 1, 4, 4), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+class LogitsByImage(nn.Module):
+    """Logits (log 3·v, 0) per pixel of value v: v = 1 gives the softmax (0.75, 0.25), v = 0 a
+    50/50 tie. Records each forward's batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def forward(self, images):
+        self.batches.append(images)
+        return torch.cat([math.log(3.0) * images, torch.zeros_like(images)], 1)
+
+
+def test_consistency_sums_the_squared_difference_over_classes_in_separate_forwards():
+    teacher = FixedLogits(torch.zeros(2, 2, 4, 4))         # teacher: (0.5, 0.5)
+    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
                "annotated": torch.ones(1, 2, dtype=torch.bool),
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
-    sample = UnlabeledSlices(np.zeros((1, 4, 4), np.uint8), [0], 4, {"mean": 0.0, "std": 1.0},
-                             GeometricAugmentation(0.0, (1, 1), 0.0, False), intensity_augmentation())[0]
-    batch_u = default_collate([sample, sample])  # the student's logits are fixed: any strong view
-    loss, logs = ts.consistency_loss(FixedLogits(student_logits), teacher, batch_x, batch_u,
+    identity = dict(brightness=1, contrast=1, brightness_first=1, gamma=1, blur_sigma=0,
+                    noise_std=0, noise_seed=0, norm_mean=0, norm_std=1)   # strong view = weak view
+    draw = torch.tensor([identity[name] for name in STRONG_DRAW_FIELDS], dtype=torch.float64)
+    batch_u = {"image_w": torch.zeros(2, 1, 4, 4), "image_w_uint8": torch.full((2, 1, 4, 4), 255, dtype=torch.uint8),
+               "strong_draws": draw.expand(2, 2, -1)}
+    student = LogitsByImage()
+    loss, logs = ts.consistency_loss(student, teacher, batch_x, batch_u,
                                      Recorder(), Recorder(), bcp_cfg(), weight=2.0)
-    # per pixel 0.25² + 0.25² = 0.125 (the mean over the two classes would be 0.0625)
+    # the labeled batch and the strong views in forwards of their own (own BatchNorm statistics)
+    assert [len(batch) for batch in student.batches] == [1, 2]
+    assert torch.equal(student.batches[1], torch.ones(2, 1, 4, 4))   # 255 / 255
+    # student on the strong views (0.75, 0.25), teacher (0.5, 0.5): per pixel 0.25² + 0.25² =
+    # 0.125 (the mean over the two classes would be 0.0625)
     assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
     assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
 
