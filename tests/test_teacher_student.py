@@ -181,7 +181,7 @@ def bcp_batches(n=4, size=16):
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
                               "partial_labels": True, "conf_thresh": 0.5, "label_mode": "class",
-                              **changes})
+                              "plain_weight": 0.0, **changes})
 
 
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
@@ -209,6 +209,26 @@ def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     assert (pseudo_in_x["target"] == 2).all() and torch.equal(pseudo_in_x["ignore"], ~box)
     assert math.isclose(loss.item(), (1 + 2) + 0.5 * (1 + 2))
     assert math.isclose(logs["conf_teacher"].item(), 1 / (1 + 2 * math.exp(-12)), rel_tol=1e-6)
+
+
+def test_bcp_plain_weight_also_trains_the_labeled_slices_unmixed():
+    torch.manual_seed(0)
+    student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
+    batch_x, batch_u = bcp_batches()
+    batch_x["image"] = torch.full((4, 1, 16, 16), 0.25)
+    teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
+    loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+                             bcp_cfg(plain_weight=0.5), ratio=0.5, u_weight=0.5)
+    inputs = student.inputs[0][:, 0]
+    assert len(inputs) == 12 and (inputs[:4] == 0.25).all()          # plain slices, then the mixes
+    plain, in_u, around_u = loss_sup.calls
+    assert torch.equal(plain["target"], batch_x["mask"]) and plain["ignore"] is None
+    assert torch.equal(plain["annotated"], batch_x["annotated"])
+    box = inputs[4:8] == 0.25                                        # labeled boxes in unlabeled slices
+    assert torch.equal(in_u["ignore"], ~box) and torch.equal(around_u["ignore"], box)
+    # Recorder losses 1, 2, 3 (supervised calls) and 1, 2 (pseudo-label calls)
+    assert math.isclose(loss.item(), 0.5 * 1 + (2 + 3) + 0.5 * (1 + 2))
+    assert logs["loss_plain"] == 1
 
 
 def test_rampup_starts_at_its_epoch_and_follows_the_sigmoid_shape():
