@@ -224,12 +224,12 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
 
 
 def bcp_step(m, batch_x, batch_u, it, cfg):
-    """Labeled copy-paste for `pretrain_epochs`, then bidirectional copy-paste with the dual
+    """Labeled copy-paste for `pretrain_share` of the epochs, then bidirectional copy-paste with the dual
     teacher: the static teacher takes the student's weights every `static_every` steps of
     self-training, the box side follows `mask_ratio_schedule`, the EMA teacher follows the
     student from the start (it is the validated model)."""
-    self_training = it.epoch >= cfg.pretrain_epochs
-    self_training_steps = it.iteration - cfg.pretrain_epochs * it.per_epoch
+    self_training = it.epoch >= m.pretrain_epochs
+    self_training_steps = it.iteration - m.pretrain_epochs * it.per_epoch
     if self_training and self_training_steps % cfg.static_every == 0:
         m.static_teacher.load_state_dict(m.student.state_dict())
         distributed.sync_buffers(m.static_teacher)  # per-process BatchNorm (CPU): rank 0's statistics
@@ -238,7 +238,7 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     with autocast(m.device, cfg):
         # the pseudo-labelled regions ramp in like the consistency: a teacher fresh from a short
         # pre-training labels most organs as confident background (README, Results on the phantom)
-        u_weight = cfg.u_weight * rampup(cfg, it, cfg.pretrain_epochs)
+        u_weight = cfg.u_weight * rampup(cfg, it, m.pretrain_epochs)
         loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
                                      else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
                                      cfg, ratio, u_weight, m.pseudo_area_bounds)
@@ -404,6 +404,12 @@ def continue_teacher_optimizer(optimizer, path, weights):
 
 
 # ==== options ====
+def pretrain_epoch_count(cfg):
+    """Epochs of the first phase (BCP's labeled copy-paste, or the pseudo-labels of
+    `pretrain_finetune`): `pretrain_share` of the run's epochs, rounded."""
+    return round(cfg.pretrain_share * cfg.epochs)
+
+
 def check_options(cfg):
     if cfg.mode not in MODES:
         raise InputError(f"mode: unknown '{cfg.mode}' (choose {', '.join(MODES)})")
@@ -413,9 +419,11 @@ def check_options(cfg):
         raise InputError(f"tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
     two_phases = cfg.mode == "bcp" or (cfg.mode == "pseudo_label"
                                        and cfg.schedule == "pretrain_finetune")
-    if two_phases and not 0 <= cfg.pretrain_epochs < cfg.epochs:
-        raise InputError(f"pretrain_epochs: {cfg.pretrain_epochs} leaves no epoch for the second "
-                         f"phase (epochs {cfg.epochs})")
+    if not 0 <= cfg.pretrain_share < 1:
+        raise InputError(f"pretrain_share: {cfg.pretrain_share} is not a share in [0, 1)")
+    if two_phases and pretrain_epoch_count(cfg) >= cfg.epochs:
+        raise InputError(f"pretrain_share: {cfg.pretrain_share} of {cfg.epochs} epochs leaves no "
+                         "epoch for the second phase")
     if not 0 < cfg.pseudo_share <= 1:
         raise InputError(f"pseudo_share: {cfg.pseudo_share} is not a share in (0, 1]")
     if cfg.n_pseudo < 0:
@@ -498,14 +506,15 @@ def main(argv=None):
     parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
                             loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
                             scaler=scaler, device=device, pseudo_area_bounds=pseudo_area_bounds,
-                            train_forward=data_parallel(student, device))  # after freezing
+                            train_forward=data_parallel(student, device),  # after freezing
+                            pretrain_epochs=pretrain_epoch_count(cfg))
     train_step = TRAIN_STEPS[cfg.mode]
 
     # ==== loop: an epoch is `iterations` steps ====
     for epoch in range(run.start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
         student.train()
-        streams = phase_streams[int(epoch >= cfg.pretrain_epochs)]
+        streams = phase_streams[int(epoch >= parts.pretrain_epochs)]
         loaders = zip(epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
                       *(epoch_loader(dataset, cfg, epoch, iterations, cfg.batch_size, stream=stream)
                         for dataset, stream in zip(streams, (0, 2))))

@@ -140,7 +140,7 @@ def test_unimatch_under_torchrun_keeps_the_replicas_equal(workdir, tiny_phantom)
 
 @pytest.mark.parametrize("mode, flags", [
     ("mean_teacher", ["--epochs", "1"]),
-    ("bcp", ["--iters_per_epoch", "2", "--pretrain_epochs", "1", "--edge_guided", "true"]),
+    ("bcp", ["--iters_per_epoch", "2", "--pretrain_share", "0.5", "--edge_guided", "true"]),
     ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1"]),
 ])
 def test_teacher_student_modes_give_every_rank_the_same_teachers(mode, flags, workdir,

@@ -134,7 +134,7 @@ RUNS = {
                                                   "--n_pseudo", "2"]),
     "mean_teacher": (train_teacher_student.main, ["--mode", "mean_teacher", "--epochs", "1"]),
     # 2 epochs: the second self-trains on the dual teacher's 3-class pseudo-labels
-    "bcp": (train_teacher_student.main, ["--mode", "bcp", "--pretrain_epochs", "1",
+    "bcp": (train_teacher_student.main, ["--mode", "bcp", "--pretrain_share", "0.5",
                                          "--iters_per_epoch", "1"]),
 }
 

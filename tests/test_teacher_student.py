@@ -231,6 +231,12 @@ def test_bcp_plain_weight_also_trains_the_labeled_slices_unmixed():
     assert logs["loss_plain"] == 1
 
 
+@pytest.mark.parametrize("share, epochs, expected", [(0.5, 10, 5), (0.5, 100, 50), (0.3, 10, 3),
+                                                    (0.0, 10, 0), (0.26, 20, 5)])
+def test_the_first_phase_is_a_share_of_the_epochs(share, epochs, expected):
+    assert ts.pretrain_epoch_count(SimpleNamespace(pretrain_share=share, epochs=epochs)) == expected
+
+
 def test_rampup_starts_at_its_epoch_and_follows_the_sigmoid_shape():
     cfg = SimpleNamespace(rampup_epochs=2.0)
 
@@ -341,13 +347,13 @@ def test_bcp_pretraining_keeps_the_ema_teachers_batchnorm_statistics_on_the_data
     student = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2))
     nn.init.constant_(student[0].weight, 1.0)   # the conv passes the image through
     teacher = copy.deepcopy(student).eval()
-    cfg = SimpleNamespace(**vars(bcp_cfg()), pretrain_epochs=1, static_every=10, rampup_epochs=1.0,
+    cfg = SimpleNamespace(**vars(bcp_cfg()), static_every=10, rampup_epochs=1.0,
                           mask_ratio_schedule=[0.5, 0.5], ema_alpha=0.99, amp=False, grad_clip=0)
     m = SimpleNamespace(student=student, teacher=ts.OwnStatistics(teacher), static_teacher=None,
                         loss_sup=lambda logits, *args, **kwargs: logits.mean(), loss_stream=None,
                         optimizer=torch.optim.SGD(student.parameters(), lr=0.0),
                         scaler=make_scaler(torch.device("cpu"), SimpleNamespace(amp=False)),
-                        device=torch.device("cpu"), pseudo_area_bounds=None,
+                        device=torch.device("cpu"), pseudo_area_bounds=None, pretrain_epochs=1,
                         train_forward=lambda step, *args: step(student, *args))
     batch_x, batch_u = bcp_batches()
     batch_x["image"] = torch.full_like(batch_x["image"], 3.0)
@@ -461,9 +467,10 @@ def test_edge_targets_against_a_pixel_loop():
 # ==== a smoke run of each mode, read back by test.py ====
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "co_training"], "mode: unknown 'co_training'"),
-    (["--mode", "bcp", "--batch_size_unlabeled", "3", "--pretrain_epochs", "1"],
+    (["--mode", "bcp", "--batch_size_unlabeled", "3", "--pretrain_share", "0.5"],
      "batch_size_unlabeled: BCP pairs"),
-    (["--mode", "bcp", "--pretrain_epochs", "2"], "pretrain_epochs: 2 leaves no epoch"),
+    (["--mode", "bcp", "--pretrain_share", "1"], "pretrain_share: 1 is not a share"),
+    (["--mode", "bcp", "--pretrain_share", "0.9"], "pretrain_share: 0.9 of 2 epochs leaves no epoch"),
     (["--mode", "mean_teacher", "--freeze_encoder_stages", "6"], "freeze_encoder_stages: 6"),
     (["--mode", "pseudo_label", "--pseudo_share", "0"], "pseudo_share: 0 is not a share"),
     (["--mode", "pseudo_label", "--n_pseudo", "-1"], "n_pseudo: -1 is negative"),
@@ -477,7 +484,7 @@ def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
 @pytest.mark.parametrize("mode, flags, logged", [
     ("mean_teacher", ["--epochs", "1"], {"consistency_weight", "conf_teacher"}),
     ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1"], {"conf_pseudo", "loss_u"}),
-    ("bcp", ["--iters_per_epoch", "1", "--pretrain_epochs", "1", "--edge_guided", "true"],
+    ("bcp", ["--iters_per_epoch", "1", "--pretrain_share", "0.5", "--edge_guided", "true"],
      {"mask_ratio", "static_share", "loss_edge"}),
 ])
 def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdir, tiny_phantom,
