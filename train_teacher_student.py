@@ -138,8 +138,8 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     truth at weight 1, pseudo-labels at `u_weight` (the config's, ramped in after pre-training
     by the caller), pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
     With `plain_weight` > 0 the labeled slices themselves are also trained, unmixed, at that
-    weight: the authors train ground truth only inside mixes, which learned at half the pace of
-    plain slices at a few hundred steps (README, Results on the phantom).
+    weight: the authors train ground truth only inside mixes, and at a few hundred steps BCP
+    trailed supervised training by far (README, Results on the phantom).
     """
     logs = {}
     if teachers is None:
