@@ -162,9 +162,10 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     box = random_boxes(num_x, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
                        batch_x["image"].device)
     mixes = [paste(outer["image"], inner["image"], box) for outer, inner in pairs]
-    # `plain_weight`: the labeled slices themselves too, in the same forward (first num_plain)
-    num_plain = num_x if cfg.plain_weight else 0
-    logits, edge_logits = forward_with_edges(student, torch.cat([batch_x["image"]] * bool(num_plain) + mixes))
+    # `plain_weight`: the labeled slices themselves too, first in the same forward
+    plain = [batch_x["image"]] if cfg.plain_weight else []
+    num_plain = num_x if plain else 0
+    logits, edge_logits = forward_with_edges(student, torch.cat(plain + mixes))
     loss_plain = supervised(loss_sup, logits[:num_plain], batch_x) if num_plain else 0
     logits, edge_logits = logits[num_plain:], None if edge_logits is None else edge_logits[num_plain:]
     loss_x = loss_u = 0
@@ -224,10 +225,11 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
 
 
 def bcp_step(m, batch_x, batch_u, it, cfg):
-    """Labeled copy-paste for `pretrain_share` of the epochs, then bidirectional copy-paste with the dual
-    teacher: the static teacher takes the student's weights every `static_every` steps of
-    self-training, the box side follows `mask_ratio_schedule`, the EMA teacher follows the
-    student from the start (it is the validated model)."""
+    """Labeled copy-paste for the first `m.pretrain_epochs` (`pretrain_share` of the run), then
+    bidirectional copy-paste with the dual teacher: the static teacher takes the student's
+    weights every `static_every` steps of self-training, the box side follows
+    `mask_ratio_schedule`, the EMA teacher follows the student from the start (it is the
+    validated model)."""
     self_training = it.epoch >= m.pretrain_epochs
     self_training_steps = it.iteration - m.pretrain_epochs * it.per_epoch
     if self_training and self_training_steps % cfg.static_every == 0:
