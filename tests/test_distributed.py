@@ -64,6 +64,14 @@ def assert_same_weights(first, second, atol=0.0):
         assert difference <= atol, f"{name} differs by {difference}"
 
 
+def assert_close_in_rms(first, second, rms):
+    """Same keys, and each tensor's root-mean-square difference at most `rms`."""
+    assert first.keys() == second.keys()
+    for name in first:
+        difference = (first[name].double() - second[name].double()).pow(2).mean().sqrt().item()
+        assert difference <= rms, f"{name} differs by {difference} (root mean square)"
+
+
 def records(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
@@ -107,9 +115,11 @@ def test_two_processes_of_batch_2_train_as_one_of_batch_4(two_by_two, workdir, t
                            *PER_PIXEL, "--batch_size", "4", "--out_dir", "run_1x4"])
     one = torch.load(workdir / "run_1x4" / "last.pth", weights_only=True)["model"]
     two = torch.load(two_by_two[0] / "last.pth", weights_only=True)["model"]
-    # round-off only: one AdamW step moves a weight by about lr = 2e-3, so another batch, order
-    # or augmentation anywhere in the 6 steps would show as differences far above 1e-5
-    assert_same_weights(one, two, atol=1e-5)
+    # round-off only, per tensor as the root-mean-square difference: AdamW turns the round-off
+    # of a near-zero gradient into up to a step (lr = 2e-3) on single weights, so a maximum says
+    # little; the RMS stays under 1e-5 here, while other training slices (--split_seed 1) give
+    # 1e-3 to 6e-3 on every tensor
+    assert_close_in_rms(one, two, rms=1e-4)
 
 
 def test_resume_under_ddp_repeats_the_uninterrupted_run(two_by_two, workdir, tiny_phantom):
