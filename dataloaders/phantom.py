@@ -177,9 +177,10 @@ def blob_field(canvas, window, center, radii, angle, harmonics):
     return radius / np.maximum(outline, np.float32(0.3))
 
 
-def blob(canvas, center, radii, angle=0.0, wobble=0.12):
-    """A random irregular ellipse: returns (window, rho) with rho < 1 inside."""
-    harmonics = random_harmonics(canvas.rng, wobble)
+def blob(canvas, center, radii, angle=0.0, wobble=0.12, rng=None):
+    """A random irregular ellipse: returns (window, rho) with rho < 1 inside; its outline is
+    drawn from `rng` (default: the slice's generator)."""
+    harmonics = random_harmonics(canvas.rng if rng is None else rng, wobble)
     window = canvas.window(center, reach(radii, harmonics))
     return window, blob_field(canvas, window, center, radii, angle, harmonics)
 
@@ -475,6 +476,28 @@ def draw_small_bowel(canvas, z, k, hu):
         canvas.paint(window, rho < 1, 0, hu["ivc"], only_free=True)
 
 
+def draw_unlabeled_tissue(canvas, k, amount, rng):
+    """Soft tissue outside the label set, as on CT (all label 0): `amount` in (0, 1] scales
+    about 30 solid blobs of organ intensity (35-130 HU, the range of liver, spleen, pancreas and
+    bowel wall; muscles, lymph nodes, duodenum, unlabelled bowel on a real slice) in the cavity
+    fat left free, and a mesenteric haze that raises the remaining fat by up to ~90 HU.
+    Without it the cavity between organs is clean fat, far darker than any organ, which a
+    network learns as background from the air alone; on CT that tissue is where partial labels
+    grow sink classes. Draws only from `rng`, so the labelled anatomy is unchanged."""
+    for _ in range(round(30 * amount)):
+        center = (rng.uniform(-0.7, 0.7) * k, rng.uniform(-0.6, 0.45) * k)
+        if not canvas.is_free(center):
+            continue
+        radius = rng.uniform(0.035, 0.09) * k
+        window, rho = blob(canvas, center, (radius * rng.uniform(1.0, 2.0), radius),
+                           rng.uniform(0, np.pi), 0.2, rng)
+        intensity = rng.uniform(35, 130) + 15.0 * canvas.mottle[window]
+        canvas.paint(window, rho < 1, 0, intensity.astype(np.float32), only_free=True)
+    fat = canvas.cavity & ~canvas.occupied
+    haze = np.clip(smooth_noise(rng, 8, canvas.size), 0, None) * np.float32(60 * amount)
+    canvas.hu[fat] += haze[fat]
+
+
 def tissue_hu(rng):
     """Per-slice tissue intensities (portal-venous phase, HU) with patient-to-patient spread."""
     liver = rng.normal(105, 10)
@@ -487,8 +510,9 @@ def tissue_hu(rng):
 
 
 # ==== one slice ====
-def render_slice(seed, index, size=256):
-    """Generate slice `index` of the phantom with base `seed`.
+def render_slice(seed, index, size=256, unlabeled_tissue=0.0):
+    """Generate slice `index` of the phantom with base `seed`; `unlabeled_tissue` > 0 adds
+    organ-like tissue outside the label set (`draw_unlabeled_tissue`).
 
     Returns (image, labels): `(size, size) uint8` grayscale (soft-tissue window) and
     `(size, size) uint8` structure ids 0..14 (`CLASS_NAMES`), the full label map.
@@ -513,6 +537,8 @@ def render_slice(seed, index, size=256):
     draw_vessels(canvas, k, hu)
     draw_colon(canvas, z, k)
     draw_small_bowel(canvas, z, k, hu)
+    if unlabeled_tissue:  # from a generator of its own: the rest of the slice is unchanged
+        draw_unlabeled_tissue(canvas, k, unlabeled_tissue, np.random.default_rng([seed, index, 3]))
     hu_image, labels = warp(canvas, rng, rotation)
     add_couch(hu_image, rng)
     return to_gray(hu_image, rng), labels
@@ -620,11 +646,11 @@ def instance_ids(seed, index, labels):
 
 # ==== the folder ====
 def _render_many(job):
-    seed, indices, size = job
-    return [render_slice(seed, index, size) for index in indices]
+    seed, indices, size, unlabeled_tissue = job
+    return [render_slice(seed, index, size, unlabeled_tissue) for index in indices]
 
 
-def render_all(seed, indices, size, workers):
+def render_all(seed, indices, size, workers, unlabeled_tissue=0.0):
     """Yield (index, image, labels) in order; with `workers` > 1, chunks go to a process pool
     (results are identical either way: each slice has its own generator).
 
@@ -632,7 +658,8 @@ def render_all(seed, indices, size, workers):
     `__main__` guard. Where fork does not exist, slices are rendered in this process.
     """
     chunk = 32
-    jobs = [(seed, indices[i:i + chunk], size) for i in range(0, len(indices), chunk)]
+    jobs = [(seed, indices[i:i + chunk], size, unlabeled_tissue)
+            for i in range(0, len(indices), chunk)]
     if workers <= 1 or len(jobs) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         for job in jobs:
             yield from ((i, *s) for i, s in zip(job[1], _render_many(job)))
@@ -642,7 +669,8 @@ def render_all(seed, indices, size, workers):
             yield from ((i, *s) for i, s in zip(job[1], slices))
 
 
-def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format):
+def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format,
+                    unlabeled_tissue=0.0):
     if label_format not in LABEL_FORMATS:
         raise InputError(f"--format: '{label_format}' is not one of {', '.join(LABEL_FORMATS)}")
     if size not in SIZES:
@@ -650,7 +678,8 @@ def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_
     for flag, value in (("--n_train", n_train), ("--n_test", n_test)):
         if value <= 0:
             raise InputError(f"{flag}: must be a positive number of images, got {value}")
-    for flag, value in (("--labeled_fraction", labeled_fraction), ("--p_annotated", p_annotated)):
+    for flag, value in (("--labeled_fraction", labeled_fraction), ("--p_annotated", p_annotated),
+                        ("--unlabeled_tissue", unlabeled_tissue)):
         if not 0.0 <= value <= 1.0:
             raise InputError(f"{flag}: must be in [0, 1], got {value}")
 
@@ -671,21 +700,23 @@ def _prepare_folder(out_dir):
 
 
 def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, size=256, seed=0,
-                     p_annotated=0.6, label_format="class", workers=None):
+                     p_annotated=0.6, label_format="class", unlabeled_tissue=0.0, workers=None):
     """Write the phantom data folder to `out_dir`: the layout of the README's "Using the challenge
     data", plus y_test.csv and classes.yaml.
 
     Train images are 0..n_train-1 (the first round(labeled_fraction·n_train) carry partial
     labels), test images n_train..n_train+n_test-1. `label_format` `instance` writes structure
     ids instead of classes (`instance_ids`) and neither annotated_labels.json nor classes.yaml;
-    the images are the same. `workers`: processes (default: up to 4 for large jobs, else 1);
-    the output does not depend on it. Returns `out_dir` as a Path.
+    the images are the same. `unlabeled_tissue` > 0 adds organ-like tissue outside the label
+    set to every slice (`draw_unlabeled_tissue`; labels unchanged). `workers`: processes
+    (default: up to 4 for large jobs, else 1); the output does not depend on it. Returns `out_dir` as a Path.
     Raises InputError on bad arguments or a non-empty folder that is not a phantom.
     """
     settings = phantom_settings(n_train=n_train, labeled_fraction=labeled_fraction,
                                 n_test=n_test, size=size, seed=seed, p_annotated=p_annotated,
-                                label_format=label_format)
-    check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format)
+                                label_format=label_format, unlabeled_tissue=unlabeled_tissue)
+    check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format,
+                    unlabeled_tissue)
     out_dir = Path(out_dir)
     _prepare_folder(out_dir)
     n_labeled = round(labeled_fraction * n_train)
@@ -695,7 +726,7 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     train_masks = np.zeros((n_train, size, size), np.uint8)
     test_masks = np.zeros((n_test, size, size), np.uint8)
     annotated = [[] for _ in range(n_train)]
-    slices = render_all(seed, list(range(total)), size, workers)
+    slices = render_all(seed, list(range(total)), size, workers, unlabeled_tissue)
     for index, image, labels in tqdm(slices, total=total, desc="phantom", leave=False,
                                      disable=None):
         if label_format == "instance":
@@ -770,6 +801,9 @@ def main(argv=None):
     parser.add_argument("--format", dest="label_format", default=defaults["label_format"],
                         help="class: organ class ids (challenge #165) | instance: per-image "
                              "structure ids 1..255 (challenge #150)")
+    parser.add_argument("--unlabeled_tissue", type=float, default=defaults["unlabeled_tissue"],
+                        help="0-1: organ-like soft tissue outside the label set (blobs of organ "
+                             "intensity, mesenteric haze), as on CT; 0 = clean cavity fat")
     args = parser.parse_args(argv)
     settings = {key: value for key, value in vars(args).items() if key != "out"}
     print("phantom: " + ", ".join(f"{key}={value}" for key, value in settings.items()))

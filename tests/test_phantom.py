@@ -165,6 +165,23 @@ def test_intensities_follow_the_tissues(slices):
     assert len(lesion_minus_liver) >= 3 and max(lesion_minus_liver) < -10  # hypodense tumour
 
 
+def test_unlabeled_tissue_is_organ_like_and_leaves_the_labels_alone():
+    """`unlabeled_tissue` paints soft tissue of organ intensity (35-130 HU, gray 124-185 in the
+    W400/L40 window) outside the label set: more of the label-0 body pixels fall in the organ
+    range on every slice, while the label maps stay exactly those of the plain phantom."""
+    low, high = ((hu + 160) * 255 / 400 for hu in (35, 130))
+    gains = []
+    for index in range(12):
+        plain, labels = phantom.render_slice(3, index, 128)
+        tissue, tissue_labels = phantom.render_slice(3, index, 128, unlabeled_tissue=1.0)
+        np.testing.assert_array_equal(tissue_labels, labels)
+        body_background = (labels == 0) & (plain > 20)
+        shares = [((image >= low) & (image <= high))[body_background].mean()
+                  for image in (plain, tissue)]
+        gains.append(shares[1] - shares[0])
+    assert min(gains) > 0 and np.mean(gains) > 0.05
+
+
 def test_lesions_lie_inside_the_liver(slices):
     _, labels = slices
     neighbours, lesions = [], 0
@@ -243,7 +260,7 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_phantom(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--size", "300"], ["--labeled_fraction", "1.5"],
                                    ["--p_annotated", "-0.1"], ["--n_train", "0"],
-                                   ["--n_test", "-3"]])
+                                   ["--n_test", "-3"], ["--unlabeled_tissue", "1.5"]])
 def test_bad_cli_arguments_exit_2_with_one_line(flags, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run_cli(phantom.main, ["--out", str(tmp_path / "x")] + flags)
