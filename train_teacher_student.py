@@ -162,11 +162,12 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     box = random_boxes(num_x, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
                        batch_x["image"].device)
     mixes = [paste(outer["image"], inner["image"], box) for outer, inner in pairs]
-    # `plain_weight`: the labeled slices themselves too, in a forward of their own: in one batch
-    # with the mixes, the mixes' statistics set the BatchNorm normalisation of the plain slices
-    # (as the strong views did in Mean Teacher; README, Results on the phantom)
-    loss_plain = supervised(loss_sup, student(batch_x["image"]), batch_x) if cfg.plain_weight else 0
-    logits, edge_logits = forward_with_edges(student, torch.cat(mixes))
+    # `plain_weight`: the labeled slices themselves too, first in the same forward
+    plain = [batch_x["image"]] if cfg.plain_weight else []
+    num_plain = num_x if plain else 0
+    logits, edge_logits = forward_with_edges(student, torch.cat(plain + mixes))
+    loss_plain = supervised(loss_sup, logits[:num_plain], batch_x) if num_plain else 0
+    logits, edge_logits = logits[num_plain:], None if edge_logits is None else edge_logits[num_plain:]
     loss_x = loss_u = 0
     for logits_mix, (outer, inner) in zip(logits.chunk(len(pairs)), pairs):
         for source, ignore in ((outer, box), (inner, ~box)):
@@ -178,7 +179,7 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
              for key in ("mask", "certain_background")}
     loss_edge = edge_term(edge_logits, mixed["mask"], mixed["certain_background"], cfg)
     loss = loss_x + cfg.plain_weight * loss_plain + u_weight * loss_u + loss_edge
-    plain_logs = {"loss_plain": loss_plain} if cfg.plain_weight else {}
+    plain_logs = {"loss_plain": loss_plain} if num_plain else {}
     return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask_ratio": ratio, **logs,
                   **plain_logs, **edge_logs(loss_edge, cfg)}
 

@@ -219,13 +219,12 @@ def test_bcp_plain_weight_also_trains_the_labeled_slices_unmixed():
     teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
     loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                              bcp_cfg(plain_weight=0.5), ratio=0.5, u_weight=0.5)
-    plain_inputs, mixes = (inputs[:, 0] for inputs in student.inputs)
-    # two forwards: the plain slices alone (BatchNorm statistics of their own), then the mixes
-    assert len(plain_inputs) == 4 and (plain_inputs == 0.25).all() and len(mixes) == 8
+    inputs = student.inputs[0][:, 0]
+    assert len(inputs) == 12 and (inputs[:4] == 0.25).all()          # plain slices, then the mixes
     plain, in_u, around_u = loss_sup.calls
     assert torch.equal(plain["target"], batch_x["mask"]) and plain["ignore"] is None
     assert torch.equal(plain["annotated"], batch_x["annotated"])
-    box = mixes[:4] == 0.25                                          # labeled boxes in unlabeled slices
+    box = inputs[4:8] == 0.25                                        # labeled boxes in unlabeled slices
     assert torch.equal(in_u["ignore"], ~box) and torch.equal(around_u["ignore"], box)
     # Recorder losses 1, 2, 3 (supervised calls) and 1, 2 (pseudo-label calls)
     assert math.isclose(loss.item(), 0.5 * 1 + (2 + 3) + 0.5 * (1 + 2))
