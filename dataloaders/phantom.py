@@ -480,7 +480,8 @@ def draw_unlabeled_tissue(canvas, k, amount, rng):
     """Soft tissue outside the label set, as on CT (all label 0): `amount` in (0, 1] scales
     about 30 solid blobs of organ intensity (35-130 HU, the range of liver, spleen, pancreas and
     bowel wall; muscles, lymph nodes, duodenum, unlabelled bowel on a real slice) in the cavity
-    fat left free, and a mesenteric haze that raises the remaining fat by up to ~90 HU.
+    fat left free, and a mesenteric haze that raises the remaining fat by ~20 HU on average
+    (`amount` 1), ~150 HU at its peaks.
     Without it the cavity between organs is clean fat, far darker than any organ, which a
     network learns as background from the air alone; on CT that tissue is where partial labels
     grow sink classes. Draws only from `rng`, so the labelled anatomy is unchanged."""
@@ -670,7 +671,7 @@ def render_all(seed, indices, size, workers, unlabeled_tissue=0.0):
 
 
 def check_arguments(n_train, labeled_fraction, n_test, size, p_annotated, label_format,
-                    unlabeled_tissue=0.0):
+                    unlabeled_tissue):
     if label_format not in LABEL_FORMATS:
         raise InputError(f"--format: '{label_format}' is not one of {', '.join(LABEL_FORMATS)}")
     if size not in SIZES:
@@ -709,7 +710,8 @@ def generate_phantom(out_dir, n_train=400, labeled_fraction=0.4, n_test=100, siz
     ids instead of classes (`instance_ids`) and neither annotated_labels.json nor classes.yaml;
     the images are the same. `unlabeled_tissue` > 0 adds organ-like tissue outside the label
     set to every slice (`draw_unlabeled_tissue`; labels unchanged). `workers`: processes
-    (default: up to 4 for large jobs, else 1); the output does not depend on it. Returns `out_dir` as a Path.
+    (default: up to 4 for large jobs, else 1); the output does not depend on it.
+    Returns `out_dir` as a Path.
     Raises InputError on bad arguments or a non-empty folder that is not a phantom.
     """
     settings = phantom_settings(n_train=n_train, labeled_fraction=labeled_fraction,
