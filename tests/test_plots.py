@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.plots import (class_colors, colorize, overlay, plot_curves, plot_examples,
+from utils.plots import (class_colors, colorize, curve_panels, overlay, plot_curves, plot_examples,
                          save_overlays)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +86,25 @@ def test_plot_curves_with_missing_keys_and_nan(tmp_path):
     # Nothing to draw at all still gives a figure.
     plot_curves([], tmp_path / "empty.png")
     assert_valid_png(tmp_path / "empty.png")
+
+
+def test_area_report_gets_panels_of_its_own_away_from_the_scores(tmp_path):
+    keys = ["epoch", "lr", "loss_x", "loss", "val_dice", "val_rand", "val_worst_area_ratio",
+            "val_sink_classes", "val_missing_classes", "seconds"]
+    panels = {title: (panel_keys, log_scale, reference)
+              for title, panel_keys, log_scale, reference in curve_panels(keys)}
+    assert panels["training losses"][0] == ["loss", "loss_x"]
+    assert panels["validation scores"][0] == ["val_dice", "val_rand"]  # 0..1 only
+    assert panels["worst class: predicted / true area"] == (["val_worst_area_ratio"], True,
+                                                           ("SINK above 3x", 3.0))
+    assert panels["flagged classes (count)"][0] == ["val_sink_classes", "val_missing_classes"]
+    # instance mode has no area report: the three panels of a row
+    assert [title for title, *_ in curve_panels(["epoch", "loss", "val_rand", "lr"])] == [
+        "training losses", "validation scores", "learning rate"]
+    records = [{"epoch": e, "loss": 1.0 / e, "val_dice": 0.1 * e, "val_worst_area_ratio": 50.0 / e,
+                "val_sink_classes": 3 - e, "val_missing_classes": 1} for e in (1, 2, 3)]
+    plot_curves(records, tmp_path / "curves.png")
+    assert_valid_png(tmp_path / "curves.png", min_bytes=10000)
 
 
 def test_failed_save_leaves_no_temporary_file(tmp_path):

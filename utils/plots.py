@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 from utils.files import atomic_path  # noqa: E402
+from utils.metrics import SINK_RATIO  # noqa: E402
 
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
@@ -88,8 +89,9 @@ def _as_float(value):
         return math.nan
 
 
-def _plot_series(axis, records, keys, x_values, title, log_scale=False):
-    """One line per key over x_values, skipping non-finite points; 'no data' if nothing to draw."""
+def _plot_series(axis, records, keys, x_values, title, log_scale=False, reference=None):
+    """One line per key over x_values, skipping non-finite points; 'no data' if nothing to draw.
+    `reference` (label, y): a dashed horizontal line, e.g. a threshold."""
     drawn = False
     for key in keys:
         y_values = np.array([_as_float(record.get(key)) for record in records])
@@ -100,6 +102,8 @@ def _plot_series(axis, records, keys, x_values, title, log_scale=False):
             axis.plot(x_values[finite], y_values[finite], marker=".", label=key)
             drawn = True
     if drawn:
+        if reference is not None:
+            axis.axhline(reference[1], color="gray", linestyle="--", linewidth=1, label=reference[0])
         axis.legend(fontsize="small")
         if log_scale:
             axis.set_yscale("log")
@@ -109,31 +113,53 @@ def _plot_series(axis, records, keys, x_values, title, log_scale=False):
     axis.grid(alpha=0.3)
 
 
-def plot_curves(records, path):
-    """Losses, validation scores and learning rate against epoch, one panel each; saves `path`.
+# The validation line's per-class area report (README, Sink classes: how to see them): a ratio that
+# reaches 100x and class counts would flatten the 0..1 scores if they shared their panel.
+AREA_RATIO_KEY = "val_worst_area_ratio"
+FLAGGED_CLASS_KEYS = ("val_sink_classes", "val_missing_classes")
 
-    records: list of dicts, one per evaluation as in log.jsonl. Every key starting with 'loss' goes
-    in the first panel, every key starting with 'val_' in the second, 'lr' (log scale) in the third.
-    Missing keys and NaN values are skipped. The x axis is 'epoch', else 'iteration', else the
-    record's position.
+
+def curve_panels(keys):
+    """The panels of `plot_curves` for the record keys `keys`: a list of (title, keys, log scale,
+    reference line or None). Losses ('loss' first, then its terms alphabetically), the validation
+    scores, the learning rate; and, when the records carry the area report, the worst class's
+    predicted / true area (log scale, the SINK threshold dashed) and the counts of flagged
+    classes."""
+    keys = sorted(set(keys))
+    loss_keys = sorted((key for key in keys if key.startswith("loss")), key=lambda key: (key != "loss", key))
+    area_keys = {AREA_RATIO_KEY, *FLAGGED_CLASS_KEYS}
+    score_keys = [key for key in keys if key.startswith("val_") and key not in area_keys]
+    panels = [("training losses", loss_keys, False, None),
+              ("validation scores", score_keys, False, None),
+              ("learning rate", ["lr"], True, None)]
+    if area_keys & set(keys):
+        panels += [("worst class: predicted / true area", [AREA_RATIO_KEY], True,
+                    (f"SINK above {SINK_RATIO:g}x", SINK_RATIO)),
+                   ("flagged classes (count)", [key for key in FLAGGED_CLASS_KEYS if key in keys], False, None)]
+    return panels
+
+
+def plot_curves(records, path):
+    """The panels of `curve_panels` against epoch (three in a row, the area report in a second
+    row when present); saves `path`.
+
+    records: list of dicts, one per evaluation as in log.jsonl. Missing keys and NaN values are
+    skipped. The x axis is 'epoch', else 'iteration', else the record's position.
     """
-    keys = sorted({key for record in records for key in record})
+    keys = {key for record in records for key in record}
     x_key = next((key for key in ("epoch", "iteration") if key in keys), None)
     if x_key is None:
         x_values = np.arange(len(records), dtype=np.float64)
     else:
         x_values = np.array([_as_float(record.get(x_key)) for record in records])
-    # The total 'loss' first, then its terms alphabetically.
-    loss_keys = sorted((key for key in keys if key.startswith("loss")),
-                       key=lambda key: (key != "loss", key))
-    val_keys = [key for key in keys if key.startswith("val_")]
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    _plot_series(axes[0], records, loss_keys, x_values, "training losses")
-    _plot_series(axes[1], records, val_keys, x_values, "validation scores")
-    _plot_series(axes[2], records, ["lr"], x_values, "learning rate", log_scale=True)
-    for axis in axes:
+    panels = curve_panels(keys)
+    rows = math.ceil(len(panels) / 3)
+    figure, axes = plt.subplots(rows, 3, figsize=(15, 4 * rows), squeeze=False)
+    for axis, (title, panel_keys, log_scale, reference) in zip(axes.flat, panels):
+        _plot_series(axis, records, panel_keys, x_values, title, log_scale, reference)
         axis.set_xlabel(x_key or "evaluation")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
     figure.tight_layout()
     _save_figure(figure, path)
 
