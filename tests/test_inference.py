@@ -1,6 +1,7 @@
 """Test-time augmentation (utils/inference.py): shifted and rescaled views are moved back onto the
 slice before averaging, flipped views are flipped back, and a model that only looks at each
-pixel's own value predicts the same with and without augmentation."""
+pixel's own value predicts the same with and without augmentation; class labels are the first
+maximum of each pixel."""
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.inference import predict_probabilities, predict_slices
+from utils.inference import labels_from_probabilities, predict_probabilities, predict_slices
 
 NORM = {"mean": 0.0, "std": 1.0}  # uint8 0 / 255 → network input 0 / 1
 
@@ -123,3 +124,16 @@ def test_prediction_restores_the_training_mode_and_rejects_unknown_modes():
     assert model.training
     with pytest.raises(ValueError, match="tta must be one of"):
         predict_slices(model, block_image(64, (16, 48)), 64, NORM, "cpu", tta="spin")
+
+
+def test_class_labels_are_the_first_maximum_of_each_pixel():
+    rng = np.random.default_rng(0)
+    probabilities = rng.random((3, 5, 7, 6)).astype(np.float32)
+    probabilities[0, 2, 1, 1] = probabilities[0, 4, 1, 1] = 2.0  # a tie: the lower class wins
+    probabilities[1, :, 2, 3] = 0.5  # all equal: class 0
+    labels = labels_from_probabilities(torch.from_numpy(probabilities), "class")
+    assert labels.dtype == np.uint8 and labels.shape == (3, 7, 6)
+    expected = np.array([[[max(range(5), key=lambda c: (probabilities[b, c, y, x], -c))
+                           for x in range(6)] for y in range(7)] for b in range(3)])
+    np.testing.assert_array_equal(labels, expected)
+    assert labels[0, 1, 1] == 2 and labels[1, 2, 3] == 0

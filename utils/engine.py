@@ -158,7 +158,9 @@ class TrainingRun:
         self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
         self.start_epoch, self.iteration, self.started = 0, 0, time.time()
         self.stopped, self.meters, self.epoch, self._pending = False, Meters(), 0, None
-        self.step_seconds, self.plotted_at = 0.0, -math.inf  # time in steps; last plot redraw
+        # time in steps; last plot redraw (the first comes after plot_every_seconds, or at the end:
+        # a one-point curve is not worth a second of a short run)
+        self.step_seconds, self.plotted_at = 0.0, self.started
         if cfg.resume:
             self._restore(Path(cfg.resume))
         self.dir = run_directory(cfg, method)
