@@ -12,12 +12,12 @@ an organ not annotated on this image" (utils/losses.py).
 """
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import forward_with_edges
-from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
-                            supervised_targets)
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
+                            load_data, supervised_targets)
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
-from utils.losses import build_loss, edge_term, labeled_area_bounds
+from utils.losses import build_loss, edge_term
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
@@ -35,9 +35,8 @@ def train(cfg):
     # ==== model, loss, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
-    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
-                                      device)
-    loss_fn = build_loss(cfg, area_bounds).to(device)
+    area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
+    loss_fn = build_loss(cfg, area_bounds, annotation_frequency).to(device)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "supervised", model_name, model_kwargs,

@@ -50,8 +50,8 @@ from tqdm import tqdm
 import train_supervised
 from dataloaders.datasets import LabeledSlices, strong_views
 from networks.edge import forward_with_edges
-from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
-                            load_init_weights, semi_supervised_sets, supervised_targets)
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
+                            load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, Config, read_yaml_chain
@@ -60,7 +60,7 @@ from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
 from utils.losses import (IGNORE_INDEX, build_loss, build_stream_loss, drop_oversized_pseudo_labels,
-                          edge_term, labeled_area_bounds, mse_consistency)
+                          edge_term, mse_consistency)
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
@@ -459,8 +459,7 @@ def main(argv=None):
     phase_streams, iterations = ((labeled_set,),) * 2, None  # the labeled batches of each phase
     teacher = teacher_path = teacher_weights = None
     pseudo_logs = {}
-    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
-                                      device)
+    area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
     if cfg.mode == "pseudo_label":
         teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
@@ -491,7 +490,7 @@ def main(argv=None):
         teacher = modules["teacher"] = copy.deepcopy(student).eval().requires_grad_(False)
     if cfg.mode == "bcp":
         static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
-    loss_sup = build_loss(cfg, area_bounds).to(device)
+    loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
     total_iterations = cfg.epochs * iterations
     optimizer, scheduler, scaler = build_optimisation(

@@ -20,11 +20,10 @@ import torch
 from dataloaders.datasets import strong_views
 from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
-from utils.losses import (build_loss, build_stream_loss, drop_oversized_pseudo_labels,
-                          labeled_area_bounds)
+from utils.losses import build_loss, build_stream_loss, drop_oversized_pseudo_labels
 from utils.mixing import paste, random_boxes
-from utils.builders import (build_network, epoch_loader, iterations_per_epoch, load_data,
-                            semi_supervised_sets, supervised_targets)
+from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
+                            load_data, semi_supervised_sets, supervised_targets)
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.optim import autocast, build_optimisation, optimizer_step
@@ -120,9 +119,8 @@ def main(argv=None):
     # ==== model, losses, optimiser ====
     model, model_name, model_kwargs = build_network(cfg, data, device)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
-    area_bounds = labeled_area_bounds(cfg, data.train_masks[split.train], data.annotated[split.train],
-                                      device)
-    loss_sup = build_loss(cfg, area_bounds).to(device)
+    area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
+    loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
     optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
                                                       cfg.epochs * iterations, device)

@@ -13,7 +13,8 @@ from utils.losses import (
     IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, area_constraint_loss, build_loss,
     build_stream_loss, class_area_bounds, class_area_statistics, cross_entropy, dice_loss,
     drop_oversized_pseudo_labels, exclusion_loss, labeled_area_bounds, marginal_cross_entropy,
-    marginal_dice_loss, mse_consistency, zero_pixel_loss)
+    marginal_dice_loss, mse_consistency, unannotated_class_weights, zero_pixel_loss,
+    labeled_annotation_frequency)
 
 B, C, H, W = 2, 4, 5, 6
 
@@ -547,6 +548,52 @@ def test_area_bounds_are_a_quantile_times_a_margin():
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED) is None
     cfg.pseudo_area_filter = True
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED).tolist() == [1.0, 0.75, 0.1875, 0.0]
+
+
+def test_presence_aware_weights_by_hand():
+    # r = 0.6; annotated on 60 %, 30 %, 0 %, 90 % of the labeled slices: presence f / r capped at 1
+    # = 1, 0.5, 0, 1 -> w = 0.4 / (1 - 0.6 * presence) = 1, 0.4 / 0.7, 0.4, 1
+    frequency = [1.0, 0.6, 0.3, 0.0, 0.9]
+    assert unannotated_class_weights(0.6, frequency).tolist() == pytest.approx([1, 1, 0.4 / 0.7, 0.4, 1])
+    assert unannotated_class_weights(0.0, frequency).tolist() == [1, 1, 1, 1, 1]  # the marginal
+    assert unannotated_class_weights(1.0, frequency).tolist() == [1, 0, 0, 0, 0]  # plain CE
+    with pytest.raises(InputError, match="annotation_rate"):
+        unannotated_class_weights(1.2, frequency)
+    # one 0-pixel with probabilities (1/4, 1/4, 1/2), class 2 not annotated: p_0 + w_2·p_2
+    logits = torch.tensor([0.0, 0.0, math.log(2.0)]).view(1, 3, 1, 1).repeat(1, 1, 1, 2)
+    target, annotated = torch.tensor([[[0, 1]]]), torch.tensor([[True, True, False]])
+    value = zero_pixel_loss(logits, target, annotated, annotation_rate=0.6,
+                            class_weights=torch.tensor([1.0, 0.4, 0.8]))
+    assert value.item() == pytest.approx(-math.log(0.25 + 0.8 * 0.5), rel=1e-6)
+
+
+def test_presence_aware_zero_pixel_term_in_the_supervised_loss():
+    cfg = SimpleNamespace(loss="marginal_dice", num_classes=4, zero_ce_weight=0.5, annotation_rate=0.6,
+                          zero_ce_presence=False)
+    assert labeled_annotation_frequency(cfg, AREA_MASKS, AREA_ANNOTATED) is None
+    cfg.zero_ce_presence = True
+    frequency = labeled_annotation_frequency(cfg, AREA_MASKS, AREA_ANNOTATED)
+    assert frequency == pytest.approx([1, 2 / 3, 1 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="annotation_frequency"):
+        build_loss(cfg)
+    loss = build_loss(cfg, annotation_frequency=frequency)
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, 5, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 4, (2, 5, 5), generator=generator)
+    target[1][target[1] == 2] = 0
+    annotated = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    # independently: w = 0.4 / (1 - 0.6 * min(1, f / 0.6)) = 1, 0.4 / (1 - 1/3), 0.4 / (1 - 1/3)
+    weights = np.array([1.0, 1.0, 0.6, 0.6])
+    p = torch.softmax(logits, 1).numpy()
+    logs = []
+    for b in range(2):
+        for y in range(5):
+            for x in range(5):
+                if target[b, y, x] == 0:
+                    free = [k for k in range(1, 4) if not annotated[b, k] and not (target[b] == k).any()]
+                    logs.append(-math.log(p[b, 0, y, x] + sum(weights[k] * p[b, k, y, x] for k in free)))
+    term = loss.terms(logits, target, annotated=annotated)["zero_ce"]
+    assert term.item() == pytest.approx(0.5 * np.mean(logs), rel=1e-6)  # the weights are float32
 
 
 def area_loss_loop(logits, bounds, ignore=None):

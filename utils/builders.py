@@ -14,7 +14,7 @@ from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
 from utils.instances import instance_targets
-from utils.losses import IGNORE_INDEX
+from utils.losses import IGNORE_INDEX, labeled_annotation_frequency, labeled_area_bounds
 
 
 def load_data(cfg):
@@ -72,6 +72,15 @@ def model_config(cfg, data):
     if cfg.edge_guided:  # only when on, so plain checkpoints keep their kwargs
         extra = {**extra, "edge_guided": True}
     return cfg.model, {"in_channels": cfg.in_channels, "num_classes": data.num_classes, **extra}
+
+
+def labeled_priors(cfg, data, split, device):
+    """What the supervised loss learns from the labeled training slices before training: the
+    per-class area bounds (`labeled_area_bounds`, on `device`) and annotation frequencies
+    (`labeled_annotation_frequency`), each None when no option needs it."""
+    masks, annotated = np.asarray(data.train_masks[split.train]), data.annotated[split.train]
+    return (labeled_area_bounds(cfg, masks, annotated, device),
+            labeled_annotation_frequency(cfg, masks, annotated))
 
 
 def build_network(cfg, data, device):

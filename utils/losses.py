@@ -362,7 +362,35 @@ def _check_annotation_rate(rate):
         raise InputError(f"annotation_rate: must be in [0, 1], got {rate}")
 
 
-def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate=1.0):
+def unannotated_class_weights(annotation_rate, annotation_frequency):
+    """Weight w_k of an unannotated class k against background (weight 1) in the likelihood of a
+    0-pixel, `zero_pixel_loss`. Returns a float32 tensor `(C,)` with w_0 = 1.
+
+    A 0-pixel of class k means k was left unannotated on its slice: probability 1 − r. A 0-pixel
+    of background also means k was left unannotated, which costs 1 − r too when k is present
+    elsewhere on the slice and nothing when it is absent. The plain term takes k as absent
+    (w_k = 1 − r, the strongest push toward background). With `annotation_frequency (C,)`, the
+    share f_k of the labeled slices on which k is annotated, the presence of k is estimated as
+    π_k = min(1, f_k / r), and w_k = (1 − r) / (1 − r·π_k): 1 − r for a class that is rarely
+    present (no free destination for unannotated tissue), toward 1 (no preference) for a class
+    on almost every slice, whose unannotated pixels are then not pushed to background
+    (README, Losses and partial labels). r = 1 gives 0 for every class (plain CE).
+    """
+    _check_annotation_rate(annotation_rate)
+    frequency = np.asarray(annotation_frequency, dtype=np.float64)
+    if annotation_rate == 0:
+        weights = np.ones_like(frequency)
+    elif annotation_rate == 1:
+        weights = np.zeros_like(frequency)
+    else:
+        presence = np.minimum(1.0, frequency / annotation_rate)
+        weights = (1.0 - annotation_rate) / (1.0 - annotation_rate * presence)
+    weights[0] = 1.0
+    return torch.from_numpy(weights).float()
+
+
+def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate=1.0,
+                    class_weights=None):
     """Cross-entropy of the label 0 under a model of how partial masks are made: each structure
     present on a slice is annotated with probability r = `annotation_rate`, independently.
 
@@ -373,15 +401,18 @@ def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate
     class); r = 1 is plain CE toward background. In between, an organ predicted on unannotated
     tissue costs at most −log(1 − r) and loses its gradient once confident, while background
     always scores higher — the push against "sink" classes without crushing a class that is truly
-    present but unannotated (README, Losses and partial labels). Shapes as
-    `marginal_cross_entropy`; returns a scalar ≥ 0 (0 when no valid 0-pixel).
+    present but unannotated (README, Losses and partial labels). `class_weights (C,)` (a tensor,
+    e.g. `unannotated_class_weights` of the labeled set's annotation frequencies) replaces 1 − r
+    by a weight per class. Shapes as `marginal_cross_entropy`; returns a scalar ≥ 0 (0 when no
+    valid 0-pixel).
     """
     _check_annotation_rate(annotation_rate)
     logits, target, valid = _prepare(logits, target, ignore)
     annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
-    log_weights = torch.zeros(annotated.shape, dtype=logits.dtype, device=logits.device)
-    log_weights.masked_fill_(~annotated, math.log1p(-annotation_rate) if annotation_rate < 1 else -math.inf)
-    log_weights.masked_fill_(annotated, -math.inf)
+    if class_weights is None:
+        class_weights = torch.full((logits.shape[1],), 1.0 - annotation_rate, device=logits.device)
+    log_weights = class_weights.to(logits.dtype).log()  # log 0 = -inf: plain CE
+    log_weights = log_weights.expand(annotated.shape).masked_fill(annotated, -math.inf)
     log_weights[:, 0] = 0.0
     log_likelihood = torch.logsumexp(logits.log_softmax(1) + log_weights[:, :, None, None], dim=1)
     return _masked_mean(-log_likelihood, valid & (target == 0))
@@ -400,6 +431,8 @@ class SupervisedLoss(nn.Module):
     With `area_weight` > 0 and `area_bounds (C,)` (`class_area_bounds` of the labeled set),
     `area_weight` × `area_constraint_loss` is added: no class may take more of a slice than its
     annotations ever show (README, Losses and partial labels).
+    With `annotation_frequency (C,)` (`labeled_annotation_frequency`) the zero-pixel term weighs
+    each unannotated class by its presence on the labeled slices (`unannotated_class_weights`).
     With partial labels, marginal losses alone never force the model to choose background (README:
     it put an organ on every pixel), so whenever `certain_background` pixels are given and
     `background_ce_weight` > 0, `background_ce_weight` × plain CE toward class 0 on those pixels only
@@ -411,7 +444,7 @@ class SupervisedLoss(nn.Module):
 
     def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
                  exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0,
-                 annotation_rate=1.0, area_weight=0.0, area_bounds=None):
+                 annotation_rate=1.0, area_weight=0.0, area_bounds=None, annotation_frequency=None):
         super().__init__()
         self.area_weight = area_weight
         # a buffer, so checkpoints keep the bounds the run trained with; None (not saved) when off
@@ -423,6 +456,9 @@ class SupervisedLoss(nn.Module):
         self.background_ce_weight = background_ce_weight
         self.zero_ce_weight = zero_ce_weight
         self.annotation_rate = annotation_rate
+        # w_k of the zero-pixel term per class (a buffer, on the loss's device), or None: 1 − r for all
+        self.register_buffer("zero_class_weights", None if annotation_frequency is None else
+                             unannotated_class_weights(annotation_rate, annotation_frequency))
         self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
 
     def area_term(self, logits, ignore=None):
@@ -461,7 +497,8 @@ class SupervisedLoss(nn.Module):
         if self.marginal and self.zero_ce_weight > 0:
             # the marginal losses never prefer background inside the body: the annotation model does
             terms["zero_ce"] = self.zero_ce_weight * zero_pixel_loss(logits, target, annotated, ignore,
-                                                                     self.annotation_rate)
+                                                                     self.annotation_rate,
+                                                                     self.zero_class_weights)
         terms.update(self.area_term(logits, ignore))
         return terms
 
@@ -496,7 +533,16 @@ def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
                              float(_setting(cfg, "area_margin"))).to(device)
 
 
-def build_loss(cfg, area_bounds=None):
+def labeled_annotation_frequency(cfg, masks, annotated):
+    """The share of the labeled training masks `(N,H,W)` / annotated `(N,C)` on which each class
+    is annotated (`class_area_statistics`), for the presence-aware zero-pixel term; None when
+    `zero_ce_presence` is off."""
+    if not _setting(cfg, "zero_ce_presence"):
+        return None
+    return class_area_statistics(masks, annotated, cfg.num_classes)["annotation_rate"]
+
+
+def build_loss(cfg, area_bounds=None, annotation_frequency=None):
     """The `SupervisedLoss` a config asks for. Keys missing from `cfg` (any object with
     attributes, e.g. a SimpleNamespace) take the training defaults of configs/default.yaml.
 
@@ -504,8 +550,9 @@ def build_loss(cfg, area_bounds=None):
     their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
     dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
     zero_ce_weight and annotation_rate (with marginal losses, that weight × `zero_pixel_loss` on
-    every 0-pixel), area_weight (the area constraint, which needs `area_bounds (C,)` from
-    `labeled_area_bounds`).
+    every 0-pixel), zero_ce_presence (that term per class, which needs `annotation_frequency
+    (C,)` from `labeled_annotation_frequency`), area_weight (the area constraint, which needs
+    `area_bounds (C,)` from `labeled_area_bounds`).
     """
     name = _setting(cfg, "loss")
     if name not in LOSS_NAMES:
@@ -518,6 +565,8 @@ def build_loss(cfg, area_bounds=None):
     _check_annotation_rate(annotation_rate)  # refused before training, not at its first step
     if area_weight > 0 and area_bounds is None:
         raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
+    if _setting(cfg, "zero_ce_presence") and annotation_frequency is None:
+        raise ValueError("zero_ce_presence needs annotation_frequency (see labeled_annotation_frequency)")
     if name == "tvmf_dice" and num_classes is None:
         raise InputError("num_classes: required by loss tvmf_dice")
     return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
@@ -526,7 +575,8 @@ def build_loss(cfg, area_bounds=None):
                           background_ce_weight=float(_setting(cfg, "background_ce_weight")),
                           zero_ce_weight=float(_setting(cfg, "zero_ce_weight")),
                           annotation_rate=annotation_rate,
-                          area_weight=area_weight, area_bounds=area_bounds)
+                          area_weight=area_weight, area_bounds=area_bounds,
+                          annotation_frequency=annotation_frequency if _setting(cfg, "zero_ce_presence") else None)
 
 
 def build_stream_loss(name, cfg=None, area_bounds=None):
