@@ -483,7 +483,8 @@ def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
 
 @pytest.mark.parametrize("mode, flags, logged", [
     ("mean_teacher", ["--epochs", "1"], {"consistency_weight", "conf_teacher"}),
-    ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1"], {"conf_pseudo", "loss_u"}),
+    ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1", "--zero_ce_presence", "true"],
+     {"conf_pseudo", "loss_u"}),
     ("bcp", ["--iters_per_epoch", "1", "--pretrain_share", "0.5", "--edge_guided", "true"],
      {"mask_ratio", "static_share", "loss_edge"}),
 ])
@@ -496,6 +497,10 @@ def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdi
     state = torch.load(workdir / "run" / "best.pth", weights_only=True)
     assert (state.get("teacher") is not None) == (mode != "pseudo_label")
     assert state["model_kwargs"].get("edge_guided", False) == ("--edge_guided" in flags)
+    for run in ("run", "run/teacher") if "--zero_ce_presence" in flags else ():
+        # the student's and its teacher's loss weigh each class, between 1 - r (absent) and 1
+        weights = torch.load(workdir / run / "best.pth", weights_only=True)["loss"]["zero_class_weights"]
+        assert weights[0] == 1 and ((weights >= 0.4 - 1e-6) & (weights <= 1)).all() and weights.unique().numel() > 1
     if mode == "pseudo_label":
         scores = json.loads((workdir / "run" / "pseudo_labels" / "scores.json").read_text())
         kept = np.load(workdir / "run" / "pseudo_labels" / "masks.npy")
