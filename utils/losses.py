@@ -409,9 +409,11 @@ def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate
     _check_annotation_rate(annotation_rate)
     logits, target, valid = _prepare(logits, target, ignore)
     annotated = _effective_annotated(target, annotated, logits.shape[1], valid)
-    if class_weights is None:
-        class_weights = torch.full((logits.shape[1],), 1.0 - annotation_rate, device=logits.device)
-    log_weights = class_weights.to(logits.dtype).log()  # log 0 = -inf: plain CE
+    if class_weights is None:  # log(1 - r) in float64 (log 0 = -inf: plain CE), as one value for all
+        log_weights = torch.full((logits.shape[1],), math.log1p(-annotation_rate) if annotation_rate < 1
+                                 else -math.inf, dtype=logits.dtype, device=logits.device)
+    else:
+        log_weights = class_weights.to(logits.dtype).log()
     log_weights = log_weights.expand(annotated.shape).masked_fill(annotated, -math.inf)
     log_weights[:, 0] = 0.0
     log_likelihood = torch.logsumexp(logits.log_softmax(1) + log_weights[:, :, None, None], dim=1)
