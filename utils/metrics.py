@@ -290,12 +290,17 @@ def class_area_report(truth, predictions, num_classes, annotated=None, sink_rati
             "missing_fraction": missing_fraction}
 
 
+WORST_AREA_RATIO = "worst_area_ratio"                     # the names of `area_summary`'s scalars
+FLAGGED_CLASS_COUNTS = ("sink_classes", "missing_classes")
+
+
 def area_summary(report):
     """The log's scalars of a `class_area_report`: `worst_area_ratio` (largest ratio, NaN when
     no class is judged), `sink_classes` and `missing_classes` (counts of flagged classes)."""
     ratios = report["ratio"][~np.isnan(report["ratio"])]
-    return {"worst_area_ratio": float(ratios.max()) if ratios.size else float("nan"),
-            "sink_classes": int(report["sink"].sum()), "missing_classes": int(report["missing"].sum())}
+    sinks, missing = FLAGGED_CLASS_COUNTS
+    return {WORST_AREA_RATIO: float(ratios.max()) if ratios.size else float("nan"),
+            sinks: int(report["sink"].sum()), missing: int(report["missing"].sum())}
 
 
 def format_area_report(report, class_names=None):

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
 from utils.files import atomic_path  # noqa: E402
-from utils.metrics import SINK_RATIO  # noqa: E402
+from utils.metrics import FLAGGED_CLASS_COUNTS, SINK_RATIO, WORST_AREA_RATIO  # noqa: E402
 
 _GOLDEN_RATIO_CONJUGATE = 0.6180339887498949
 
@@ -113,10 +113,11 @@ def _plot_series(axis, records, keys, x_values, title, log_scale=False, referenc
     axis.grid(alpha=0.3)
 
 
-# The validation line's per-class area report (README, Sink classes: how to see them): a ratio that
-# reaches 100x and class counts would flatten the 0..1 scores if they shared their panel.
-AREA_RATIO_KEY = "val_worst_area_ratio"
-FLAGGED_CLASS_KEYS = ("val_sink_classes", "val_missing_classes")
+# The validation line's per-class area report (`area_summary`'s scalars with the prefix val_; README,
+# Sink classes: how to see them): a ratio that reaches 100x and class counts would flatten the 0..1
+# scores if they shared their panel.
+AREA_RATIO_KEY = f"val_{WORST_AREA_RATIO}"
+FLAGGED_CLASS_KEYS = tuple(f"val_{name}" for name in FLAGGED_CLASS_COUNTS)
 
 
 def curve_panels(keys):
@@ -132,7 +133,7 @@ def curve_panels(keys):
     panels = [("training losses", loss_keys, False, None),
               ("validation scores", score_keys, False, None),
               ("learning rate", ["lr"], True, None)]
-    if area_keys & set(keys):
+    if area_keys.intersection(keys):
         panels += [("worst class: predicted / true area", [AREA_RATIO_KEY], True,
                     (f"SINK above {SINK_RATIO:g}x", SINK_RATIO)),
                    ("flagged classes (count)", [key for key in FLAGGED_CLASS_KEYS if key in keys], False, None)]
