@@ -59,8 +59,8 @@ from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.losses import (IGNORE_INDEX, build_loss, build_stream_loss, drop_oversized_pseudo_labels,
-                          edge_term, mse_consistency)
+from utils.losses import (IGNORE_INDEX, build_loss, build_stream_loss, confident_pseudo_labels,
+                          drop_oversized_pseudo_labels, edge_term, mse_consistency)
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
@@ -71,6 +71,7 @@ from utils.teachers import (OwnStatistics, Renormalized, ema_update, freeze_enco
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 LABELED_KEYS = ("image", "mask", "annotated", "certain_background")
 SCHEDULES = ("joint", "pretrain_finetune")
+CONSISTENCIES = ("mse", "hard")
 
 
 # ==== the losses of the modes ====
@@ -101,11 +102,14 @@ def edge_logs(loss_edge, cfg):
     return {"loss_edge": loss_edge} if cfg.edge_guided else {}
 
 
-def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, cfg, weight):
+def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, cfg, weight,
+                     area_bounds=None):
     """pseudo_label and mean_teacher: `labeled_and_pseudo` on the labeled (+ pseudo-labelled) batch and
-    `weight`·squared difference, summed over classes and averaged over pixels, between the
-    student's softmax on the strong view and the teacher's on the weak view of the same unlabeled
-    slices. Returns (loss, logs)."""
+    `weight`· a consistency between the student on the strong view and the teacher on the weak
+    view of the same unlabeled slices: `consistency: mse`, the squared difference of their
+    softmax, summed over classes and averaged over pixels; `hard`, `loss_stream` against the
+    teacher's argmax where its confidence is at least `conf_thresh` (with `area_bounds`,
+    pseudo_area_filter, a class beyond its plausible area ignored). Returns (loss, logs)."""
     batch_u = strong_views(batch_u)  # the strong views, built on the device from the batch's draws
     with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
         prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
@@ -116,13 +120,17 @@ def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, 
     # the consistency (README, Results on the phantom)
     logits_u_s = student(batch_u["image_s1"])
     loss_x = labeled_and_pseudo(loss_sup, loss_stream, logits_x, batch_x)
-    # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than the
-    # supervised one (phantom, 100-step model), so the consistency barely acted
-    loss_u = mse_consistency(logits_u_s.float().softmax(1), prob_u_w) * prob_u_w.shape[1]
+    conf_u_w, pseudo_u = prob_u_w.max(1)
+    if cfg.consistency == "hard":  # the teacher's confident argmax, trained as UniMatch's streams
+        pseudo_u = confident_pseudo_labels(conf_u_w, pseudo_u, cfg.conf_thresh, area_bounds)
+        loss_u = loss_stream(logits_u_s, pseudo_u)
+    else:  # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than
+        # the supervised one (phantom, 100-step model), so the consistency barely acted
+        loss_u = mse_consistency(logits_u_s.float().softmax(1), prob_u_w) * prob_u_w.shape[1]
     loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
     loss = loss_x + weight * loss_u + loss_edge
     return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,
-                  "conf_teacher": prob_u_w.max(1).values.mean(), **edge_logs(loss_edge, cfg)}
+                  "conf_teacher": conf_u_w.mean(), **edge_logs(loss_edge, cfg)}
 
 
 def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio, u_weight,
@@ -149,10 +157,7 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
         img_u_w = batch_u["image_w"]
         pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
             *teachers, img_u_w, largest_component=cfg.label_mode == "class")
-        # an unsure teacher's argmax is mostly background where it misses an organ: ignore it
-        pseudo = pseudo.masked_fill(conf_u_w < cfg.conf_thresh, IGNORE_INDEX)
-        if area_bounds is not None:  # pseudo_area_filter: a class far beyond its plausible area
-            pseudo = drop_oversized_pseudo_labels(pseudo, area_bounds)
+        pseudo = confident_pseudo_labels(conf_u_w, pseudo, cfg.conf_thresh, area_bounds)
         # the rest is complete: each of their 0-pixels is (believed) background
         unlabeled = {"image": img_u_w, "mask": pseudo, "certain_background": pseudo != IGNORE_INDEX}
         pairs = [(unlabeled, batch_x), (batch_x, unlabeled)]
@@ -209,7 +214,8 @@ def pseudo_label_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
     with autocast(m.device, cfg):
         loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it))
+                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it),
+                                     m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     return logs
 
@@ -218,7 +224,8 @@ def mean_teacher_step(m, batch_x, batch_u, it, cfg):
     """Supervised loss, ramped MSE to the EMA teacher, then the teacher follows the student."""
     with autocast(m.device, cfg):
         loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it))
+                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it),
+                                     m.pseudo_area_bounds)
     optimizer_step(loss, m.optimizer, m.scaler, cfg)
     ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
     return logs
@@ -417,6 +424,8 @@ def check_options(cfg):
         raise InputError(f"mode: unknown '{cfg.mode}' (choose {', '.join(MODES)})")
     if cfg.schedule not in SCHEDULES:
         raise InputError(f"schedule: unknown '{cfg.schedule}' (choose {', '.join(SCHEDULES)})")
+    if cfg.consistency not in CONSISTENCIES:
+        raise InputError(f"consistency: unknown '{cfg.consistency}' (choose {', '.join(CONSISTENCIES)})")
     if cfg.tta not in TTA_MODES:
         raise InputError(f"tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
     two_phases = cfg.mode == "bcp" or (cfg.mode == "pseudo_label"

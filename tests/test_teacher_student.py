@@ -181,7 +181,7 @@ def bcp_batches(n=4, size=16):
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
                               "partial_labels": True, "conf_thresh": 0.5, "label_mode": "class",
-                              "plain_weight": 0.0, **changes})
+                              "plain_weight": 0.0, "consistency": "mse", **changes})
 
 
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
@@ -292,16 +292,21 @@ class LogitsByImage(nn.Module):
         return torch.cat([math.log(3.0) * images, torch.zeros_like(images)], 1)
 
 
+def identical_views(value):
+    """Two unlabeled 4×4 slices of grey level `value` whose strong views equal the weak view."""
+    identity = dict(brightness=1, contrast=1, brightness_first=1, gamma=1, blur_sigma=0,
+                    noise_std=0, noise_seed=0, norm_mean=0, norm_std=1)
+    draw = torch.tensor([identity[name] for name in STRONG_DRAW_FIELDS], dtype=torch.float64)
+    return {"image_w": torch.zeros(2, 1, 4, 4), "strong_draws": draw.expand(2, 2, -1),
+            "image_w_uint8": torch.full((2, 1, 4, 4), value, dtype=torch.uint8)}
+
+
 def test_consistency_sums_the_squared_difference_over_classes_in_separate_forwards():
     teacher = FixedLogits(torch.zeros(2, 2, 4, 4))         # teacher: (0.5, 0.5)
     batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
                "annotated": torch.ones(1, 2, dtype=torch.bool),
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
-    identity = dict(brightness=1, contrast=1, brightness_first=1, gamma=1, blur_sigma=0,
-                    noise_std=0, noise_seed=0, norm_mean=0, norm_std=1)   # strong view = weak view
-    draw = torch.tensor([identity[name] for name in STRONG_DRAW_FIELDS], dtype=torch.float64)
-    batch_u = {"image_w": torch.zeros(2, 1, 4, 4), "image_w_uint8": torch.full((2, 1, 4, 4), 255, dtype=torch.uint8),
-               "strong_draws": draw.expand(2, 2, -1)}
+    batch_u = identical_views(255)
     student = LogitsByImage()
     loss, logs = ts.consistency_loss(student, teacher, batch_x, batch_u,
                                      Recorder(), Recorder(), bcp_cfg(), weight=2.0)
@@ -312,6 +317,26 @@ def test_consistency_sums_the_squared_difference_over_classes_in_separate_forwar
     # 0.125 (the mean over the two classes would be 0.0625)
     assert math.isclose(logs["loss_u"].item(), 0.125, rel_tol=1e-6)
     assert math.isclose(loss.item(), 1 + 2.0 * 0.125, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bounds, expected_rows", [(None, [1, 1, IGNORE, IGNORE]),
+                                                    (torch.tensor([1.0, 0.25]), [IGNORE] * 4)])
+def test_hard_consistency_trains_the_teachers_confident_argmax(bounds, expected_rows):
+    teacher_logits = torch.zeros(2, 2, 4, 4)
+    teacher_logits[:, 1, :2] = math.log(9.0)     # rows 0-1: class 1 at 0.9, confident
+    teacher_logits[:, 1, 2:] = math.log(1.5)     # rows 2-3: class 1 at 0.6, under 0.8
+    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 2, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    loss_stream = Recorder([0.7])
+    loss, logs = ts.consistency_loss(LogitsByImage(), FixedLogits(teacher_logits), batch_x, identical_views(0),
+                                     Recorder(), loss_stream, bcp_cfg(consistency="hard", conf_thresh=0.8),
+                                     weight=2.0, area_bounds=bounds)
+    # with bounds: class 1 covers 8 of 16 pixels, beyond its bound 0.25, so it is not taught
+    target = loss_stream.calls[0]["target"]
+    assert torch.equal(target, torch.tensor(expected_rows).view(1, 4, 1).expand(2, 4, 4))
+    assert math.isclose(loss.item(), 1 + 2.0 * 0.7, rel_tol=1e-6)
+    assert math.isclose(logs["conf_teacher"].item(), (0.9 + 0.6) / 2, rel_tol=1e-6)
 
 
 def test_pseudo_labelled_slices_are_complete_labels_and_ground_truth_stays_partial():
@@ -475,6 +500,7 @@ def test_edge_targets_against_a_pixel_loop():
     (["--mode", "pseudo_label", "--pseudo_share", "0"], "pseudo_share: 0 is not a share"),
     (["--mode", "pseudo_label", "--n_pseudo", "-1"], "n_pseudo: -1 is negative"),
     (["--mode", "mean_teacher", "--ema_alpha", "1.0"], "ema_alpha: 1.0 is not a decay"),
+    (["--mode", "mean_teacher", "--consistency", "kl"], "consistency: unknown 'kl'"),
 ])
 def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
     with pytest.raises(InputError, match=message):
@@ -483,6 +509,7 @@ def test_bad_options_are_one_line_errors(flags, message, workdir, tiny_phantom):
 
 @pytest.mark.parametrize("mode, flags, logged", [
     ("mean_teacher", ["--epochs", "1"], {"consistency_weight", "conf_teacher"}),
+    ("mean_teacher", ["--epochs", "1", "--consistency", "hard"], {"loss_u", "conf_teacher"}),
     ("pseudo_label", ["--epochs", "1", "--teacher_epochs", "1", "--zero_ce_presence", "true"],
      {"conf_pseudo", "loss_u"}),
     ("bcp", ["--iters_per_epoch", "1", "--pretrain_share", "0.5", "--edge_guided", "true"],

@@ -357,6 +357,18 @@ def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
     return torch.where(oversized_pixel.view_as(labels), torch.full_like(labels, ignore_index), labels)
 
 
+def confident_pseudo_labels(confidence, labels, conf_thresh, area_bounds=None,
+                            ignore_index=IGNORE_INDEX):
+    """A teacher's argmax `labels [B,H,W]` made into pseudo-labels: `ignore_index` where its
+    `confidence [B,H,W]` is under `conf_thresh` (an unsure teacher's argmax is mostly background
+    where it misses an organ), and with `area_bounds (C,)` a class covering more of a slice than
+    its bound ignored there (`drop_oversized_pseudo_labels`). Returns a new tensor."""
+    labels = labels.masked_fill(confidence < conf_thresh, ignore_index)
+    if area_bounds is not None:
+        labels = drop_oversized_pseudo_labels(labels, area_bounds, ignore_index)
+    return labels
+
+
 def _check_annotation_rate(rate):
     if not 0.0 <= rate <= 1.0:
         raise InputError(f"annotation_rate: must be in [0, 1], got {rate}")
