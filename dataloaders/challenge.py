@@ -82,14 +82,20 @@ def has_challenge_files(root):
     return (root / "train-images").is_dir() or (root / "train-images.zip").is_file()
 
 
+def _png_files(folder):
+    """The files of `folder` (hidden ones skipped), each checked to be a .png file."""
+    files = [path for path in folder.iterdir() if not path.name.startswith(".")]
+    for path in files:
+        if path.suffix.lower() != ".png" or not path.is_file():
+            raise InputError(f"{path}: not a PNG image (the folder must hold only .png files)")
+    return files
+
+
 def _png_sources(root, split):
     """[(name, reader)] of the PNGs of `split` ('train' or 'test'), or None if absent."""
     folder, archive = root / f"{split}-images", root / f"{split}-images.zip"
     if folder.is_dir():
-        files = [path for path in folder.iterdir() if not path.name.startswith(".")]
-        for path in files:
-            if path.suffix.lower() != ".png" or not path.is_file():
-                raise InputError(f"{path}: not a PNG image (the folder must hold only .png files)")
+        files = _png_files(folder)
         stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         return {p.name: p.read_bytes for p in files}, stamp, folder
     if archive.is_file():
@@ -156,6 +162,19 @@ def load_images(root, split):
         images[i] = image
     _write_cache(cache, images, source)
     return images, names
+
+
+def read_image_folder(folder):
+    """Every PNG of a folder of new slices, any size each: `[(name, image (H,W) uint8)]` in
+    numerical name order. Raises InputError for a missing or empty folder, a file that is not a
+    PNG, or an image that is not 8-bit grayscale."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of PNG images")
+    files = sorted(_png_files(folder), key=lambda path: image_sort_key(path.name))
+    if not files:
+        raise InputError(f"{folder}: no PNG images")
+    return [(path.name, _decode_png(path.read_bytes(), path)) for path in files]
 
 
 def _write_cache(cache, array, source):
@@ -321,7 +340,8 @@ def make_split(data, labeled_ratio, num_labeled=0, split_seed=0, folds=0, fold=0
     """A pure function of (data, ratio, num_labeled, seed, folds, fold), so test.py can rebuild it.
 
     The labeled images are shuffled with `split_seed`. With `folds = 0` the first
-    `labeled_ratio` of them train and the rest validate. With `folds = K >= 2` the shuffled
+    `labeled_ratio` of them train and the rest validate; `labeled_ratio = 1` trains on all of
+    them and leaves the validation split empty (the final model). With `folds = K >= 2` the shuffled
     list is cut into K consecutive parts whose sizes differ by at most one; part `fold`
     validates and the other parts train (K-fold cross-validation: every labeled image
     validates exactly once over the K folds; `labeled_ratio` is unused). With
@@ -333,17 +353,21 @@ def make_split(data, labeled_ratio, num_labeled=0, split_seed=0, folds=0, fold=0
     if len(labeled) == 0:
         raise InputError(f"{data.root}: no labeled images (every training mask is empty)")
     _check_folds(data, folds, fold, len(labeled))
-    if not folds and not 0 < labeled_ratio < 1:
-        raise InputError(f"labeled_ratio: {labeled_ratio} is not between 0 and 1 (exclusive)")
-    if len(labeled) < 2:
-        raise InputError(f"{data.root}: only one labeled image; need two (train + validation)")
+    if not folds and not 0 < labeled_ratio <= 1:
+        raise InputError(f"labeled_ratio: {labeled_ratio} is not in (0, 1] (1 = train on every "
+                         "labeled image, no validation)")
+    every_image = not folds and labeled_ratio == 1
+    if len(labeled) < 2 and not every_image:
+        raise InputError(f"{data.root}: only one labeled image; need two (train + validation) "
+                         "or --labeled_ratio 1")
     shuffled = np.random.default_rng(split_seed).permutation(labeled)
     if folds:
         parts = np.array_split(shuffled, folds)
         train, val = np.concatenate(parts[:fold] + parts[fold + 1:]), parts[fold]
         share = f"fold {fold} of --folds {folds}"
     else:
-        n_train = min(max(1, int(round(labeled_ratio * len(labeled)))), len(labeled) - 1)
+        n_train = (len(labeled) if every_image else
+                   min(max(1, int(round(labeled_ratio * len(labeled)))), len(labeled) - 1))
         train, val = shuffled[:n_train], shuffled[n_train:]
         share = f"labeled_ratio {labeled_ratio}"
     unlabeled = data.unlabeled_indices
@@ -359,5 +383,7 @@ def make_split(data, labeled_ratio, num_labeled=0, split_seed=0, folds=0, fold=0
 
 def split_summary(split):
     validation = f"fold {split.fold} of {split.folds}" if split.folds else "validation"
+    if not len(split.val):
+        validation = "validation (labeled_ratio 1: best.pth is the last checkpoint)"
     return (f"{len(split.train)} labeled for training, {len(split.val)} for {validation}, "
             f"{len(split.unlabeled)} unlabeled")

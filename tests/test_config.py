@@ -32,6 +32,27 @@ def test_values_are_parsed_as_yaml():
     assert cfg.partial_labels is False
 
 
+def test_a_bare_boolean_flag_means_true_and_no_flag_false():
+    assert load_config("test", ["--postprocess"]).postprocess is True
+    assert load_config("test", ["--postprocess", "--tta", "shift"]).postprocess is True
+    assert load_config("test", ["--postprocess", "false"]).postprocess is False
+    assert load_config("test", ["--no-postprocess"]).postprocess is False
+    assert load_config("supervised", ["--no-partial_labels"]).partial_labels is False
+    assert load_config("supervised", []).partial_labels is True  # not given: the YAML default
+    assert load_config("supervised", ["--no-partial_labels"])._overrides == ["partial_labels"]
+
+
+def test_help_and_errors_spell_values_as_yaml(capsys):
+    with pytest.raises(SystemExit):
+        load_config("test", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: false)" in text and "(default: '')" in text and "(default: none)" in text
+    assert "True" not in text and "False" not in text
+    with pytest.raises(InputError, match=r"'postprocess' must be of type bool like its default "
+                                         r"false, got \[1, 2\]"):
+        load_config("test", ["--postprocess", "[1, 2]"])
+
+
 def test_unknown_key_is_an_error(tmp_path):
     with pytest.raises(InputError, match="unknown config key 'no_such_key'"):
         load_config("supervised", ["--set", "no_such_key=1"])
@@ -85,3 +106,13 @@ def test_every_network_option_is_settable_and_checked_against_the_network():
 def test_a_stray_local_rank_flag_is_ignored():
     assert "local_rank" not in load_config("supervised", ["--local-rank=1"])
     assert load_config("supervised", ["--local_rank", "0"])["_overrides"] == []
+
+
+@pytest.mark.parametrize("script, preset", [("supervised", "phantom.yaml"),
+                                            ("unimatch", "phantom_unimatch.yaml"),
+                                            ("teacher_student", "phantom_teacher_student.yaml")])
+def test_the_phantom_message_names_the_preset_in_use(script, preset, tiny_phantom, capsys):
+    from utils.runtime import setup
+    cfg = setup(script, ["--data", str(tiny_phantom), "--gpu", "-1"], None)
+    assert cfg._preset.endswith(preset)
+    assert f"the phantom preset (configs/{preset}) applies" in capsys.readouterr().out

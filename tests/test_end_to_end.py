@@ -153,3 +153,22 @@ def test_watershed_baseline_is_scored_by_the_rand_index(tiny_phantom, capsys):
     out = capsys.readouterr().out
     assert "val (" in out and "test (6 slices, full labels): Rand index" in out
     assert "no per-class Dice" in out
+
+
+def test_labeled_ratio_one_trains_on_every_labeled_image_and_keeps_the_last(workdir, tiny_phantom,
+                                                                            capsys):
+    base = TINY + ["--data", str(tiny_phantom), "--labeled_ratio", "1"]
+    assert "add --scheduler poly" in one_line_error(capsys, base, train_supervised.main)
+    assert "loss: tvmf_dice" in one_line_error(
+        capsys, base + ["--scheduler", "poly", "--loss", "tvmf_dice"], train_supervised.main)
+    train_supervised.main(base + ["--scheduler", "poly", "--out_dir", "all"])
+    out = capsys.readouterr().out
+    assert "12 labeled for training, 0 for validation" in out
+    assert "no validation split, best.pth is the last checkpoint" in out
+    best, last = (torch.load(f"all/{name}.pth", weights_only=True) for name in ("best", "last"))
+    assert best["epoch"] == last["epoch"] == 1
+    for key, value in last["model"].items():
+        assert torch.equal(best["model"][key], value), key
+    assert best["data"]["val_indices"] == [] and len(best["data"]["train_indices"]) == 12
+    records = [json.loads(line) for line in (workdir / "all" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and not any(key.startswith("val_") for key in records[0])

@@ -174,9 +174,17 @@ def test_split_ratio_seed_and_num_labeled(tiny_phantom):
     assert set(few.unlabeled) == set(split.unlabeled) | (set(split.train) - set(few.train))
 
 
+def test_labeled_ratio_one_trains_on_every_labeled_image(tiny_phantom):
+    data = load_challenge(tiny_phantom)
+    split = make_split(data, 1, split_seed=1)
+    assert split.train.tolist() == sorted(data.labeled_indices.tolist()) and len(split.val) == 0
+    few = make_split(data, 1, num_labeled=5, split_seed=1)
+    assert len(few.train) == 5 and len(few.val) == 0 and len(few.unlabeled) == 12 + 7
+
+
 @pytest.mark.parametrize("ratio, num_labeled, message", [
-    (1.0, 0, "labeled_ratio: 1.0 is not between 0 and 1"),
-    (0.0, 0, "labeled_ratio: 0.0 is not between 0 and 1"),
+    (1.5, 0, "labeled_ratio: 1.5 is not in \\(0, 1\\]"),
+    (0.0, 0, "labeled_ratio: 0.0 is not in \\(0, 1\\]"),
     (0.75, 50, "num_labeled: 50 is not between 1 and 9"),
 ])
 def test_bad_split_arguments(tiny_phantom, ratio, num_labeled, message):

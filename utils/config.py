@@ -100,8 +100,13 @@ def merge(base, override, source, allow_new=False, open_mapping=False):
             merged[key] = copy.deepcopy(value)
         else:
             raise InputError(f"{source}: '{key}' must be of type {type(merged[key]).__name__} "
-                             f"like its default {merged[key]!r}, got {value!r}")
+                             f"like its default {yaml_text(merged[key])}, got {yaml_text(value)}")
     return merged
+
+
+def yaml_text(value):
+    """`value` as it is written in YAML and on the command line (`true`, `''`, `[0.8, 1.2]`)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
 
 
 def parse_value(text):
@@ -145,8 +150,15 @@ def load_config(script, argv=None, description=None, preset=None):
     for key, default in defaults.items():
         if key in ("config", "set"):
             continue
-        parser.add_argument(f"--{key}", type=parse_value, default=None, metavar="VALUE",
-                            help=f"{helps.get(key, '')} (default: {default!r})".strip())
+        help_text = f"{helps.get(key, '')} (default: {yaml_text(default)})".strip()
+        if isinstance(default, bool):  # --flag alone means true; --no-flag false
+            parser.add_argument(f"--{key}", type=parse_value, nargs="?", const=True, default=None,
+                                metavar="true|false", help=help_text)
+            parser.add_argument(f"--no-{key}", dest=key, action="store_const", const=False,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{key}", type=parse_value, default=None, metavar="VALUE",
+                                help=help_text)
     args = parser.parse_args(argv)
 
     flag_values = {key: value for key, value in vars(args).items()

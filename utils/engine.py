@@ -250,12 +250,15 @@ class TrainingRun:
             return None
         losses = self.check_finite()
         scores = shared = None
-        if distributed.is_main():  # one validation; its predictions (for the plots) stay here
+        if not len(self.split.val):  # labeled_ratio 1: nothing to score
+            scores = {"per_class_dice": None, "areas": None, "predictions": None}
+        elif distributed.is_main():  # one validation; its predictions (for the plots) stay here
             scores = evaluate(self.modules[self.validate_weights], self.data, self.split.val, cfg,
                               self.norm, self.device)
             shared = {k: v for k, v in scores.items() if k != "predictions"}
-        shared = distributed.broadcast_object(shared)  # every rank applies the same scores
-        scores = scores if scores is not None else shared
+        if len(self.split.val):
+            shared = distributed.broadcast_object(shared)  # every rank applies the same scores
+            scores = scores if scores is not None else shared
         # the learning rate the epoch trained with, before a plateau schedule reacts to the scores
         self._pending = {"epoch": epoch + 1, "iteration": self.iteration,
                          "lr": self.modules["optimizer"].param_groups[0]["lr"], **losses,
@@ -267,11 +270,12 @@ class TrainingRun:
         """After `validate`: log one line, save last.pth (and best.pth when the selected score
         improved), redraw the plots and decide early stopping."""
         cfg, record = self.cfg, self._pending
-        score = scores[f"val_{cfg.select_metric}"]
-        improved = score > self.best_score
-        if improved:
+        validated = len(self.split.val) > 0
+        score = scores[f"val_{cfg.select_metric}"] if validated else math.nan
+        improved = score > self.best_score or not validated  # no validation: best = last
+        if improved and validated:
             self.best_score, self.bad_evaluations = score, 0
-        else:
+        elif validated:
             self.bad_evaluations += 1
         record["step_seconds"] = round(self.step_seconds, 1)
         self.history.append(record)
@@ -296,15 +300,18 @@ class TrainingRun:
             self.plot(scores["predictions"])
 
     def plot(self, predictions):
-        """Redraw curves.png and val_examples.png (`predictions`: of the validation slices)."""
+        """Redraw curves.png and val_examples.png (`predictions`: of the validation slices;
+        None without a validation split, which has no examples)."""
         plot_curves(self.history, self.dir / "curves.png")
+        self.plotted_at = time.time()
+        if predictions is None:
+            return
         count = min(self.cfg.num_examples, len(self.split.val))
         shown = self.split.val[:count]
         truths = np.asarray(self.data.train_masks[shown])
         plot_examples(np.asarray(self.data.train_images[shown]), truths, predictions[:count],
                       self.dir / "val_examples.png",
                       colour_count(self.data, truths, predictions[:count]))
-        self.plotted_at = time.time()
 
     def save(self, epoch, is_best):
         state = {"model_name": self.model_name, "model_kwargs": self.model_kwargs,
@@ -324,6 +331,8 @@ class TrainingRun:
         read next by all of them)."""
         distributed.barrier()
         best, seconds = self.dir / "best.pth", time.time() - self.started
+        chosen = (f"best {self.cfg.select_metric} {self.best_score:.4f}" if len(self.split.val)
+                  else "no validation split, best.pth is the last checkpoint")
         print(f"Done in {seconds:.0f} s ({self.step_seconds / max(seconds, 1e-9):.0%} in training "
-              f"steps): best {self.cfg.select_metric} {self.best_score:.4f}; checkpoints, log "
-              f"and plots in {self.dir}/. Next: python test.py --ckpt {best}")
+              f"steps): {chosen}; checkpoints, log and plots in {self.dir}/. "
+              f"Next: python test.py --ckpt {best}")

@@ -43,20 +43,26 @@ def setup(script, argv, description):
     cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
     distributed.print_from_main_only()
     check_label_mode_options(cfg)
+    check_validation_options(cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
             raise InputError(f"{cfg.data}: no train-images/ folder or train-images.zip")
         phantom = PHANTOM_DIRS[cfg.label_mode]
         print(f"No challenge files in '{cfg.data}/': using the built-in CT phantom in "
-              f"{phantom}/ with the phantom preset (configs/phantom.yaml).")
+              f"{phantom}/ with the phantom preset ({preset_name(cfg)}).")
         with distributed.main_first():
             ensure_phantom(phantom, label_format=cfg.label_mode)
         cfg.data = str(phantom)
     elif "_preset" in cfg:
-        print(f"'{cfg.data}' is a phantom folder: the phantom preset (configs/phantom.yaml) applies.")
+        print(f"'{cfg.data}' is a phantom folder: the phantom preset ({preset_name(cfg)}) applies.")
     print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
     return cfg
+
+
+def preset_name(cfg):
+    """The phantom preset applied to `cfg`, as `configs/<file>`."""
+    return f"{CONFIG_DIR.name}/{Path(cfg['_preset']).name}"
 
 
 def check_label_mode_options(cfg):
@@ -84,6 +90,19 @@ def check_label_mode_options(cfg):
         print(f"note: instance mode: best.pth is selected by the validation Rand index "
               f"(select_metric rand, not {cfg.select_metric})")
         cfg.select_metric = "rand"
+
+
+def check_validation_options(cfg):
+    """`labeled_ratio: 1` (every labeled image trains, the final model) leaves no validation
+    split: refuse what follows the validation score."""
+    if cfg.labeled_ratio != 1 or cfg.folds:
+        return
+    if cfg.scheduler == "plateau":
+        raise InputError("scheduler: plateau follows the validation score, and labeled_ratio 1 "
+                         "leaves no validation split; add --scheduler poly")
+    if cfg.loss == "tvmf_dice":
+        raise InputError("loss: tvmf_dice sets its per-class κ from validation Dice, and "
+                         "labeled_ratio 1 leaves no validation split; choose dice, ce or dice_ce")
 
 
 @functools.cache  # one answer, and one warning, per process
