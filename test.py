@@ -13,7 +13,8 @@ by the Rand index and written as ids in the submission. The validation
 split is rebuilt from the checkpoint's config and scored with the challenge metrics; when the
 data folder has test images, their predictions are written as `submission.csv` next to the
 checkpoint (or `--out`) and read back to check it; when it also has test labels (the phantom's
-`y_test.csv`), the test predictions are scored too.
+`y_test.csv`), the test predictions are scored too. Every score printed is also written to
+`scores.json` next to the submission (README: The loop), the input of `python -m utils.runs`.
 
 Several `--ckpt` paths (or a shell glob) form an ensemble: the mean of the members' softmax,
 each member with its own image size, normalisation and the chosen TTA. Each member's score and
@@ -23,6 +24,8 @@ common folder, or `--out`) is written. `--split oof` takes the K checkpoints of 
 """
 import argparse
 import glob
+import json
+import math
 import os
 from pathlib import Path
 
@@ -35,8 +38,10 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, load_config, read_yaml_chain
 from utils.engine import colour_count, score_labels
 from utils.errors import InputError, run_cli
+from utils.files import atomic_path
 from utils.inference import TTA_MODES, Member, predict_ensemble
-from utils.metrics import class_area_report, dice_table, format_area_report, format_dice_table
+from utils.metrics import (area_summary, class_area_report, dice_table, format_area_report,
+                           format_dice_table)
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
 from utils.runtime import pick_device
@@ -191,17 +196,85 @@ def report(title, truth, predictions, data, annotated=None):
     """Print the challenge scores of `predictions` and, for classes, the per-class table.
 
     Structure ids (instance mode, and the watershed baseline, whose folder is read as ids) get
-    the Rand index only: a per-class Dice of ids means nothing. Returns the scores."""
+    the Rand index only: a per-class Dice of ids means nothing. Returns (the scores of
+    `score_labels`, the `class_area_report`, None for structure ids)."""
     scores = score_labels(truth, predictions, data, annotated)
     if data.label_mode == "instance":
         print(f"{title}: {summary_line(scores)} (structure ids: no per-class Dice)")
-        return scores
+        return scores, None
     print(f"{title}: {summary_line(scores)}")
     print(format_dice_table(dice_table(truth, predictions, data.num_classes), data.class_names))
     areas = class_area_report(truth, predictions, data.num_classes, annotated)
     print(f"Predicted vs true area per class{' (annotated slices only)' if annotated is not None else ''}:")
     print(format_area_report(areas, data.class_names))
-    return scores
+    return scores, areas
+
+
+def json_safe(value):
+    """`value` with only JSON types: NaN and infinities become None, tuples lists, numpy
+    scalars Python numbers, paths and other objects their text."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def split_entry(scores, areas, data, slices):
+    """The scores.json entry of one scored split, from `report`'s (scores, areas): the challenge
+    scores (Dice None for structure ids), per-class Dice by class name, and the area report of
+    the classes it judges (None for structure ids)."""
+    names = data.class_names or {}
+    names = {int(label): str(text) for label, text in (
+        names.items() if isinstance(names, dict) else enumerate(names))}
+
+    def name(label):
+        return names.get(int(label)) or str(label)
+
+    per_class = scores.get("per_class_dice")
+    entry = {"slices": slices, "dice": scores.get("dice"), "rand": scores["rand"],
+             "fg_pred": scores["fg_pred"], "fg_true": scores["fg_true"],
+             "per_class_dice": None if per_class is None else {
+                 name(label): per_class[label] for label in range(1, len(per_class))},
+             "area": None, "worst_area_ratio": None, "sink_classes": None, "missing_classes": None}
+    if areas is not None:
+        judged = np.flatnonzero(~np.isnan(areas["ratio"]))
+        entry["area"] = {name(label): {
+            "predicted": int(areas["predicted"][label]), "true": int(areas["true"][label]),
+            "ratio": float(areas["ratio"][label]),
+            "flag": "SINK" if areas["sink"][label] else "MISSING" if areas["missing"][label] else ""}
+            for label in judged}
+        entry["worst_area_ratio"] = area_summary(areas)["worst_area_ratio"]
+        entry["sink_classes"] = [name(label) for label in np.flatnonzero(areas["sink"])]
+        entry["missing_classes"] = [name(label) for label in np.flatnonzero(areas["missing"])]
+    return json_safe(entry)
+
+
+def write_scores(path, checkpoints, cfg, data, splits):
+    """Write scores.json: what was scored (checkpoints, weights, TTA, post-processing, the
+    training config) and one `split_entry` per scored split. Returns a note for the summary."""
+    document = {"checkpoints": [str(c.path) for c in checkpoints],
+                "weights": [c.weights for c in checkpoints], "tta": cfg.tta,
+                "postprocess": cfg.postprocess, "baseline": cfg.baseline or None,
+                "data": str(data.root), "label_mode": data.label_mode,
+                "config": checkpoints[0].config if checkpoints else None}
+    if len(checkpoints) > 1:
+        document["member_configs"] = [c.config for c in checkpoints]
+    text = json.dumps(json_safe({**document, **splits}), indent=1, allow_nan=False)
+    try:
+        with atomic_path(path) as temporary:
+            Path(temporary).write_text(text + "\n")
+    except OSError as error:
+        print(f"warning: could not write {path} ({error.strerror or error}); pass --out to "
+              "write the submission and scores.json elsewhere")
+        return f"scores not written ({path}: {error.strerror or error})"
+    return f"scores {path}"
 
 
 def report_members(checkpoints, member_labels, truth, data, annotated=None):
@@ -294,6 +367,7 @@ def main(argv=None):
     model_note = " (annotated classes only)" if restricted else ""
 
     # ==== score the chosen split ====
+    results = {}  # split name -> its scores.json entry
     if cfg.split == "test":
         if data.test_images is None:
             raise InputError(f"{data.root}: --split test, but there are no test images "
@@ -314,8 +388,9 @@ def main(argv=None):
                                   None if annotated is None else annotated[rows])
             print(f"  fold {checkpoint.fold} ({len(fold)} slices, {checkpoint.path}): "
                   f"{summary_line(scores)}")
-        report(f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds)"
-               f"{model_note}", truth, predictions, data, annotated)
+        results["oof"] = split_entry(*report(
+            f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds){model_note}",
+            truth, predictions, data, annotated), data, len(labeled))
     else:
         defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the baseline's split
         splits = [c.split(data) for c in checkpoints] or [make_split(
@@ -333,16 +408,17 @@ def main(argv=None):
             if ensemble:
                 report_members(checkpoints, member_labels, truth, data, annotated)
             title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
-            report(title + model_note, truth, predictions, data, annotated)
+            results[cfg.split] = split_entry(*report(title + model_note, truth, predictions,
+                                                     data, annotated), data, len(indices))
 
     # ==== test images: submission, and scores when labels exist ====
     summary = []
+    out = Path(cfg.out) if cfg.out else out_dir / ("ensemble_submission.csv" if ensemble
+                                                    else "submission.csv")
     if data.test_images is not None:
         scored = ensemble and data.test_masks is not None
         test_predictions, member_labels = predict(members, data.test_images, scored)
         if members:
-            name = "ensemble_submission.csv" if ensemble else "submission.csv"
-            out = Path(cfg.out) if cfg.out else out_dir / name
             write_label_csv(out, test_predictions, data.test_names)
             masks, names, _ = read_label_csv(out)
             if names != list(data.test_names) or not np.array_equal(masks, test_predictions):
@@ -352,8 +428,10 @@ def main(argv=None):
         if data.test_masks is not None:
             best = (report_members(checkpoints, member_labels, data.test_masks, data)
                     if scored else None)
-            scores = report(f"{'ensemble, ' if ensemble else ''}test ({len(data.test_names)} "
-                            "slices, full labels)", data.test_masks, test_predictions, data)
+            scores, areas = report(f"{'ensemble, ' if ensemble else ''}test "
+                                   f"({len(data.test_names)} slices, full labels)",
+                                   data.test_masks, test_predictions, data)
+            results["test"] = split_entry(scores, areas, data, len(data.test_names))
             if best is not None:
                 metric = main_score(data)
                 summary.append(f"test {METRIC_NAMES[metric]}: ensemble {scores[metric]:.4f}, "
@@ -370,6 +448,7 @@ def main(argv=None):
         summary.append(f"no test images in {data.root}, so no submission")
     if not members:
         summary.append("the watershed baseline writes no submission")
+    summary.append(write_scores(out.parent / "scores.json", checkpoints, cfg, data, results))
     print("Done: " + "; ".join(summary) + ". Next: edit a train_*.py script or its config and rerun.")
 
 

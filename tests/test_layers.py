@@ -11,7 +11,7 @@ LAYERS = [
     ["utils.losses", "utils.metrics", "utils.inference", "utils.postprocess", "utils.mixing",
      "utils.plots", "utils.checkpoint", "utils.instances"],
     ["utils.distributed", "utils.runtime", "utils.builders", "utils.optim", "utils.teachers",
-     "utils.engine"],
+     "utils.engine", "utils.runs"],
     ["train_supervised", "train_unimatch", "train_teacher_student", "test", "bench"],
 ]
 INDEPENDENT = [("networks", "dataloaders")]
