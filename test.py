@@ -6,6 +6,7 @@ ensembles).
     python test.py --ckpt runs/fold*/best.pth --split oof   # K fold checkpoints: cross-validated score
     python test.py --ckpt runs/fold*/best.pth --tta shift   # several checkpoints: their ensemble
     python test.py --baseline watershed --data data/phantom   # the challenge's classical baseline
+    python test.py --ckpt best.pth --images new_slices/ --out_dir labels/   # label PNGs of new images
 
 Everything about a model and its preprocessing comes from its checkpoint, its label mode
 included: an instance checkpoint (README, "#150 instance mode") predicts structure ids, scored
@@ -29,10 +30,11 @@ import math
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
-from dataloaders.challenge import load_challenge, make_split
+from dataloaders.challenge import load_challenge, make_split, read_image_folder
 from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import CONFIG_DIR, load_config, read_yaml_chain
@@ -181,6 +183,16 @@ def mixed_validation(checkpoints, splits, split_name):
             "cross-validated score of K fold checkpoints")
 
 
+def no_validation(checkpoints, splits, split_name):
+    """Why `--split val` means nothing for a checkpoint trained on every labeled image
+    (`labeled_ratio: 1`), or None."""
+    if split_name != "val" or len(splits[0].val):
+        return None
+    return (f"--split val: {checkpoints[0].path} was trained with labeled_ratio 1 (every labeled "
+            "image trained it), so there is no validation split to score; use --split train, "
+            "or the test images")
+
+
 def main_score(data):
     """The score that ranks predictions: Dice of classes, the Rand index of structure ids."""
     return "rand" if data.label_mode == "instance" else "dice"
@@ -288,6 +300,79 @@ def report_members(checkpoints, member_labels, truth, data, annotated=None):
     return best
 
 
+def load_members(patterns, cfg):
+    """The checkpoints of `--ckpt` (one, or an ensemble's members), described and checked
+    against each other and the options."""
+    checkpoints = [Checkpoint(path, cfg.weights) for path in find_checkpoints(patterns)]
+    check_members_agree(checkpoints)
+    for checkpoint in checkpoints:
+        print(checkpoint.describe())
+        if cfg.tta in ("flip", "shift_flip") and not checkpoint.config.get("aug_flip", False):
+            print(f"warning: --tta with flips on {checkpoint.path}, trained without flips: "
+                  "left and right organs are different classes, so mirrored slices may "
+                  "confuse it")
+    if len(checkpoints) > 1:
+        print(f"Ensemble of {len(checkpoints)} checkpoints: mean softmax, each with its own "
+              "preprocessing")
+    if cfg.postprocess and checkpoints[0].label_mode == "instance":
+        raise InputError("--postprocess: cleans class maps per class; the structures of an "
+                         "instance checkpoint are already cleaned by the watershed (small "
+                         "seeds merged, small regions removed)")
+    return checkpoints
+
+
+def finished(labels, cfg):
+    """`labels (N,H,W)` after `--postprocess` (unchanged without it)."""
+    if not cfg.postprocess:
+        return labels
+    return postprocess(labels, cfg.min_component_size, cfg.single_instance_classes)
+
+
+def predict_images(checkpoints, cfg, device):
+    """`--images DIR`: predict every PNG of a folder of new slices (any size each, no labels or
+    training files) with the checkpoints' preprocessing, `--tta` and `--postprocess`; write one
+    label PNG per image (class ids, or structure ids in instance mode) to `--out_dir`
+    (default `<checkpoint folder>/predictions/<DIR name>/`), `--save_png N` overlays, and the
+    challenge CSV when every image has the same size."""
+    folder = Path(cfg.images)
+    images = read_image_folder(folder)
+    names = [name for name, _ in images]
+    out_dir = (Path(cfg.out_dir) if cfg.out_dir
+               else checkpoints[0].path.parent / "predictions" / folder.name)
+    label_mode = checkpoints[0].label_mode
+    by_size = {}  # one batch stack per image size
+    for position, (_, image) in enumerate(images):
+        by_size.setdefault(image.shape, []).append(position)
+    labels = [None] * len(images)
+    for positions in by_size.values():
+        stack = np.stack([images[position][1] for position in positions])
+        prediction = predict_ensemble([c.member for c in checkpoints], stack, device,
+                                      cfg.batch_size, cfg.tta, label_mode=label_mode,
+                                      progress=lambda it: tqdm(it, desc="predict", leave=False))
+        for position, label in zip(positions, finished(prediction.labels, cfg)):
+            labels[position] = label
+    for name, label in zip(names, labels):
+        with atomic_path(out_dir / name) as temporary:
+            if not cv2.imwrite(temporary, label):
+                raise InputError(f"{out_dir / name}: could not write the label PNG")
+    what = "structure ids" if label_mode == "instance" else "class ids"
+    summary = [f"{len(names)} label PNGs ({what}) in {out_dir}/"]
+    if cfg.save_png:
+        count = min(cfg.save_png, len(names))
+        colours = (max(int(label.max()) for label in labels) + 1 if label_mode == "instance"
+                   else checkpoints[0].facts["num_classes"])
+        save_overlays(out_dir / "overlays", names[:count], [image for _, image in images[:count]],
+                      labels[:count], colours)
+        summary.append(f"{count} overlays in {out_dir / 'overlays'}/")
+    if len(by_size) == 1:
+        out = Path(cfg.out) if cfg.out else out_dir / "submission.csv"
+        write_label_csv(out, np.stack(labels), names)
+        summary.append(f"submission {out}")
+    else:
+        summary.append(f"no submission CSV: the images have {len(by_size)} sizes")
+    print("Done: " + "; ".join(summary) + ".")
+
+
 def main(argv=None):
     patterns, argv = checkpoint_arguments(argv)
     cfg = load_config("test", argv, __doc__)
@@ -308,15 +393,17 @@ def main(argv=None):
             raise InputError("--baseline watershed needs --data (there is no checkpoint)")
         if cfg.split == "oof":
             raise InputError("--split oof scores fold checkpoints; the baseline has none")
+        if cfg.images:
+            raise InputError("--images: predicts with --ckpt checkpoints, not the baseline")
         out_dir = Path(cfg.data)
         # Scored by the Rand index only, for which class ids are structure ids too: reading the
         # masks as ids accepts #165 and #150 folders alike.
         data = load_challenge(cfg.data, label_mode="instance")
         print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
     else:
-        paths = find_checkpoints(patterns or [cfg.ckpt])
-        checkpoints = [Checkpoint(path, cfg.weights) for path in paths]
-        check_members_agree(checkpoints)
+        checkpoints = load_members(patterns or [cfg.ckpt], cfg)
+        if cfg.images:
+            return predict_images(checkpoints, cfg, device)
         roots = sorted({c.facts["root"] for c in checkpoints})
         if not cfg.data and len(roots) > 1:
             raise InputError(f"--ckpt: the checkpoints were trained on different data folders "
@@ -327,26 +414,11 @@ def main(argv=None):
         if data.num_classes != facts["num_classes"]:
             raise InputError(f"{first}: trained for {facts['num_classes']} classes, the data in "
                              f"{data.root} has {data.num_classes}")
-        for checkpoint in checkpoints:
-            print(checkpoint.describe())
-            if cfg.tta in ("flip", "shift_flip") and not checkpoint.config.get("aug_flip", False):
-                print(f"warning: --tta with flips on {checkpoint.path}, trained without flips: "
-                      "left and right organs are different classes, so mirrored slices may "
-                      "confuse it")
         parents = [str(c.path.parent.absolute()) for c in checkpoints]
         out_dir = Path(parents[0]) if len(checkpoints) == 1 else Path(os.path.commonpath(parents))
-        if len(checkpoints) > 1:
-            print(f"Ensemble of {len(checkpoints)} checkpoints: mean softmax, each with its own "
-                  "preprocessing")
-        if cfg.postprocess and data.label_mode == "instance":
-            raise InputError("--postprocess: cleans class maps per class; the structures of an "
-                             "instance checkpoint are already cleaned by the watershed (small "
-                             "seeds merged, small regions removed)")
 
     def finish(labels):
-        if not cfg.postprocess:
-            return labels
-        return postprocess(labels, cfg.min_component_size, cfg.single_instance_classes)
+        return finished(labels, cfg)
 
     def predict(members, images, each_member=False):
         """(labels (N,H,W), each member's labels or None) of `members` on `images`."""
@@ -395,11 +467,12 @@ def main(argv=None):
         defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the baseline's split
         splits = [c.split(data) for c in checkpoints] or [make_split(
             data, defaults["labeled_ratio"], defaults["num_labeled"], defaults["split_seed"])]
-        mixed = mixed_validation(checkpoints, splits, cfg.split)
-        if mixed and "split" in cfg._overrides:
-            raise InputError(mixed)
-        if mixed:
-            print(f"note: {mixed}. Validation is skipped; the test images follow.")
+        skipped = mixed_validation(checkpoints, splits, cfg.split) or no_validation(
+            checkpoints, splits, cfg.split)
+        if skipped and "split" in cfg._overrides:
+            raise InputError(skipped)
+        if skipped:
+            print(f"note: {skipped}. Validation is skipped; the test images follow.")
         else:
             indices = splits[0].val if cfg.split == "val" else splits[0].train
             truth = np.asarray(data.train_masks[indices])

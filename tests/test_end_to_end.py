@@ -172,3 +172,76 @@ def test_labeled_ratio_one_trains_on_every_labeled_image_and_keeps_the_last(work
     assert best["data"]["val_indices"] == [] and len(best["data"]["train_indices"]) == 12
     records = [json.loads(line) for line in (workdir / "all" / "log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and not any(key.startswith("val_") for key in records[0])
+
+
+def test_images_folder_of_two_sizes_gets_a_label_png_each(trained, tiny_phantom, tmp_path, capsys):
+    """New slices of two sizes: each label PNG has its image's size; the slices of the training
+    size get the labels test.py writes for them in the submission of the data folder."""
+    import cv2
+    from dataloaders.label_csv import read_label_csv
+    from utils.checkpoint import model_from_checkpoint
+    from utils.inference import predict_slices
+    folder = tmp_path / "new"
+    folder.mkdir()
+    sources = sorted((tiny_phantom / "test-images").glob("*.png"))[:3]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    odd = cv2.resize(cv2.imread(str(sources[0]), cv2.IMREAD_GRAYSCALE), (80, 96))
+    cv2.imwrite(str(folder / "odd.png"), odd)
+    ckpt = str(trained / "best.pth")
+    test_script.main(["--ckpt", ckpt, "--out", str(tmp_path / "reference.csv")])
+    reference, names, _ = read_label_csv(tmp_path / "reference.csv")
+    capsys.readouterr()
+    test_script.main(["--ckpt", ckpt, "--images", str(folder), "--out_dir", str(tmp_path / "out"),
+                      "--save_png", "2"])
+    out = capsys.readouterr().out
+    assert f"4 label PNGs (class ids) in {tmp_path / 'out'}/" in out
+    assert "no submission CSV: the images have 2 sizes" in out
+    for source in sources:
+        labels = cv2.imread(str(tmp_path / "out" / source.name), cv2.IMREAD_UNCHANGED)
+        assert labels.dtype == np.uint8
+        assert np.array_equal(labels, reference[names.index(source.name)])
+    labels = cv2.imread(str(tmp_path / "out" / "odd.png"), cv2.IMREAD_UNCHANGED)
+    state = load_checkpoint(trained / "best.pth")
+    alone = predict_slices(model_from_checkpoint(state), odd[None], state["data"]["img_size"],
+                           state["data"]["normalize"], "cpu")[0]
+    assert labels.shape == (96, 80) and np.array_equal(labels, alone)
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
+    # one size: the challenge CSV of the predictions as well
+    (folder / "odd.png").unlink()
+    test_script.main(["--ckpt", ckpt, "--images", str(folder), "--out_dir", str(tmp_path / "one")])
+    masks, written, _ = read_label_csv(tmp_path / "one" / "submission.csv")
+    assert written == [source.name for source in sources]
+    assert np.array_equal(masks, reference[[names.index(name) for name in written]])
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("notes.txt", "notes.txt: not a PNG image"),
+    ("colour.png", "colour.png: colour image; expected 8-bit grayscale CT"),
+    ("", "no PNG images"),
+])
+def test_images_folder_errors_name_the_file(trained, tmp_path, capsys, breakage, message):
+    import cv2
+    folder = tmp_path / "new"
+    folder.mkdir()
+    if breakage == "notes.txt":
+        cv2.imwrite(str(folder / "1.png"), np.zeros((8, 8), np.uint8))
+        (folder / breakage).write_text("x")
+    elif breakage:
+        cv2.imwrite(str(folder / breakage), np.dstack([np.zeros((8, 8), np.uint8),
+                                                       np.ones((8, 8), np.uint8) * 9,
+                                                       np.zeros((8, 8), np.uint8)]))
+    assert message in one_line_error(capsys, ["--ckpt", str(trained / "best.pth"), "--images",
+                                              str(folder)])
+    assert not (trained / "predictions").exists()
+
+
+def test_val_of_a_checkpoint_trained_on_every_labeled_image(workdir, tiny_phantom, capsys):
+    train_supervised.main(TINY + ["--data", str(tiny_phantom), "--labeled_ratio", "1",
+                                  "--scheduler", "poly", "--epochs", "1", "--out_dir", "all"])
+    assert "was trained with labeled_ratio 1" in one_line_error(
+        capsys, ["--ckpt", "all/best.pth", "--split", "val"])
+    test_script.main(["--ckpt", "all/best.pth"])  # the default split: a note, then the test images
+    out = capsys.readouterr().out
+    assert "Validation is skipped; the test images follow" in out
+    assert "test (6 slices, full labels)" in out
