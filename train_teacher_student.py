@@ -1,4 +1,4 @@
-"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP.
+r"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP.
 
     python train_teacher_student.py --mode pseudo_label --num_labeled 8   # teacher, labels, student
     python train_teacher_student.py --mode pseudo_label --teacher_ckpt runs/sup/best.pth \

@@ -116,3 +116,17 @@ def test_the_phantom_message_names_the_preset_in_use(script, preset, tiny_phanto
     cfg = setup(script, ["--data", str(tiny_phantom), "--gpu", "-1"], None)
     assert cfg._preset.endswith(preset)
     assert f"the phantom preset (configs/{preset}) applies" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["train_supervised", "train_unimatch", "train_teacher_student",
+                                    "test"])
+def test_help_prints_the_docstring_commands_line_by_line(script, capsys):
+    """Shell continuations in a docstring stay visible: no command is joined into one line
+    with a run of spaces."""
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = capsys.readouterr().out
+    import re
+    assert not re.search(r"\S {3,}--", text.split("options:")[0])
+    assert module.__doc__.splitlines()[0] in text
