@@ -87,7 +87,7 @@ def labeled_and_pseudo(loss_sup, loss_stream, logits, batch_x):
     are complete (255 where the teacher was unsure), through `loss_stream` (plain Dice + CE), so
     their 0-pixels teach background. Through the marginal Dice alone a 0-pixel says "background
     or unannotated" and a class absent from the slice gets no gradient: the teacher's sinks
-    stayed sinks (README, Results on the phantom)."""
+    stayed sinks (docs/experiments.md, Teacher-student diagnosis at 100 steps)."""
     pseudo = batch_x.get("pseudo_labelled")
     if pseudo is None:
         return supervised(loss_sup, logits, batch_x)
@@ -117,7 +117,7 @@ def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, 
     # the strong views in a forward of their own, as UniMatch's: in one batch with the labeled
     # slices their perturbed intensities set the BatchNorm statistics the labeled slices were
     # normalised with, and the student fell 0.16 Dice behind supervised training even without
-    # the consistency (README, Results on the phantom)
+    # the consistency (docs/experiments.md, Mean Teacher: strong views in a forward of their own)
     logits_u_s = student(batch_u["image_s1"])
     loss_x = labeled_and_pseudo(loss_sup, loss_stream, logits_x, batch_x)
     conf_u_w, pseudo_u = prob_u_w.max(1)
@@ -140,14 +140,15 @@ def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ra
     One box of side `ratio`·side per slice (uniform position, as the authors' code) marks the
     pasted region. Pre-training: each labeled slice around the box of the next one in the batch.
     Self-training: each unlabeled slice u around the box of the labeled slice x at its position,
-    and x around the same box of u. Both directions use the whole batches, so every
-    ground-truth pixel is trained once per step, as in supervised training (the authors pair
-    halves of the batches, which trains half of them: README, Results on the phantom). Ground
-    truth at weight 1, pseudo-labels at `u_weight` (the config's, ramped in after pre-training
-    by the caller), pixels where the chosen teacher's confidence is under `conf_thresh` ignored.
-    With `plain_weight` > 0 the labeled slices themselves are also trained, unmixed, at that
-    weight: the authors train ground truth only inside mixes, and at a few hundred steps BCP
-    trailed supervised training by far (README, Results on the phantom).
+    and x around the same box of u. Both directions use the whole batches, so every ground-truth
+    pixel is trained once per step, as in supervised training (the authors pair halves of the
+    batches, which trains half of them: docs/experiments.md, BCP: whole batches and pre-training
+    share). Ground truth at weight 1, pseudo-labels at `u_weight` (the config's, ramped in after
+    pre-training by the caller), pixels where the chosen teacher's confidence is under
+    `conf_thresh` ignored. With `plain_weight` > 0 the labeled slices themselves are also
+    trained, unmixed, at that weight: the authors train ground truth only inside mixes, and at a
+    few hundred steps BCP trailed supervised training by far (docs/experiments.md, BCP
+    plain-slices term).
     """
     logs = {}
     if teachers is None:
@@ -246,7 +247,8 @@ def bcp_step(m, batch_x, batch_u, it, cfg):
     ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
     with autocast(m.device, cfg):
         # the pseudo-labelled regions ramp in like the consistency: a teacher fresh from a short
-        # pre-training labels most organs as confident background (README, Results on the phantom)
+        # pre-training labels most organs as confident background (docs/experiments.md,
+        # Teacher-student diagnosis at 100 steps)
         u_weight = cfg.u_weight * rampup(cfg, it, m.pretrain_epochs)
         loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
                                      else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
@@ -399,7 +401,7 @@ def continue_teacher_optimizer(optimizer, path, weights):
     """A student that starts from a teacher's weights also takes the AdamW moments (and step
     counts) its teacher ended with, the learning rate and the other settings staying this run's:
     a fresh AdamW's first steps at the full rate knocked row P's validation Dice from 0.25 to
-    0.06 (README, Results on the phantom). Only for the checkpoint's own student weights
+    0.06 (docs/experiments.md, Teacher-student diagnosis at 100 steps). Only for the checkpoint's own student weights
     ("model") and the same trainable parameters; returns whether the moments were taken."""
     saved = load_checkpoint(path).get("optimizer") if weights == "model" else None
     current = optimizer.state_dict()
@@ -480,7 +482,8 @@ def main(argv=None):
                                    augment=labeled_set.augment, air_threshold=cfg.air_threshold)
         pseudo_set, tagged_labeled = SourceTagged(pseudo_set, True), SourceTagged(labeled_set, False)
         # joint: a whole labeled batch and as many pseudo-labelled slices on top, so the student
-        # trains on as much ground truth per step as supervised training (README, Results)
+        # trains on as much ground truth per step as supervised training (docs/experiments.md,
+        # pseudo_label: a whole labeled batch every step)
         phase_streams = (((tagged_labeled, pseudo_set),) * 2 if cfg.schedule == "joint"
                          else ((pseudo_set,), (tagged_labeled,)))
         iterations = iterations_per_epoch(cfg, len(labeled_set), cfg.batch_size)  # as supervised

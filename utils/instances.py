@@ -47,7 +47,8 @@ def instance_targets(mask, boundary_width=1, certain_background=None):
         structure is interior + boundary. The 4-neighbourhood rather than the 3x3 square: a
         corner contact does not make a boundary, so fewer narrow necks of a structure turn all
         boundary and split its interior (measured on the instance phantom: perfect maps score
-        a Rand index of 0.980 instead of 0.956 at 256x256, README "#150 instance mode").
+        a Rand index of 0.980 instead of 0.956 at 256x256, docs/experiments.md, "Instance mode:
+        upper bounds and boundary width").
     certain_background: optional bool tensor like `mask`, the pixels that are surely background
         (air outside the body, `dataloaders.datasets.outside_air_mask`). Give it with partial
         labels: a 0-pixel elsewhere may be background or part of an unsegmented structure, so

@@ -23,7 +23,7 @@ def ema_update(teacher, student, alpha, step):
     in every process. Copying the student's statistics into averaged weights broke the teacher:
     on the phantom (100 steps) it fell to 0.07 test Dice against its student's 0.19, and came
     back to 0.18 once its statistics were recomputed for its weights; averaging them like the
-    weights did not help (README, Results on the phantom)."""
+    weights did not help (docs/experiments.md, Teacher-student diagnosis at 100 steps)."""
     distributed.sync_buffers(teacher)
     a = min(1 - 1 / (step + 1), alpha)
     with torch.no_grad():
