@@ -140,7 +140,8 @@ def load_config(script, argv=None, description=None, preset=None):
     defaults, helps = read_yaml_chain(CONFIG_DIR / f"{script}.yaml")
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every key of the YAML defaults is a flag; nested keys: --set key.sub=value.")
+        epilog="Every key of the YAML defaults is a flag; nested keys: --set key.sub=value. "
+               "A boolean flag alone means true (--postprocess), --no-KEY false.")
     parser.add_argument("--config", help="an extra YAML file applied on top of the defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any key, nested ones with dots (repeatable)")
