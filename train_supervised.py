@@ -17,7 +17,7 @@ from utils.builders import (build_network, epoch_loader, iterations_per_epoch, l
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
-from utils.losses import build_loss, edge_term
+from utils.losses import build_loss
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
@@ -46,14 +46,10 @@ def train(cfg):
     # ==== the training step: the only method-specific part ====
     def train_step(model, batch):
         logits, edge_logits = forward_with_edges(model, batch["image"])  # no edges: None
-        loss_x = loss_fn(logits, batch["mask"], annotated=batch["annotated"],
-                         certain_background=batch["certain_background"])
-        loss_edge = edge_term(edge_logits, batch["mask"], batch["certain_background"], cfg)
-        loss = loss_x + loss_edge
-        logs = {"loss": loss}
-        if edge_logits is not None:
-            logs["loss_edge"] = loss_edge
-        return loss, logs
+        terms = loss_fn.terms(logits, batch["mask"], annotated=batch["annotated"],
+                              certain_background=batch["certain_background"], edge_logits=edge_logits)
+        loss = sum(terms.values())
+        return loss, {"loss": loss, **({"loss_edge": terms["edge"]} if "edge" in terms else {})}
 
     # ==== loop: train an epoch, validate, checkpoint ====
     for epoch in range(run.start_epoch, cfg.epochs):

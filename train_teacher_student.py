@@ -39,11 +39,13 @@ validated and which test.py uses unless `--weights student`.
 """
 import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -59,14 +61,15 @@ from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
 from utils.inference import TTA_MODES, predict_slices
-from utils.losses import (IGNORE_INDEX, build_loss, build_stream_loss, confident_pseudo_labels,
-                          drop_oversized_pseudo_labels, edge_term, mse_consistency)
+from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consistency
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
+from utils.priors import confident_pseudo_labels, drop_oversized_pseudo_labels
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
-from utils.teachers import (OwnStatistics, Renormalized, ema_update, freeze_encoder_stages,
-                            largest_component_labels, run_length_alpha, sigmoid_rampup)
+from utils.teachers import (OwnStatistics, Position, Renormalized, TeacherStudentParts,
+                            dual_teacher_pseudo_labels, ema_alpha, ema_update, freeze_encoder_stages,
+                            rampup)
 
 MODES = ("pseudo_label", "mean_teacher", "bcp")
 LABELED_KEYS = ("image", "mask", "annotated", "certain_background")
@@ -74,7 +77,7 @@ SCHEDULES = ("joint", "pretrain_finetune")
 CONSISTENCIES = ("mse", "hard")
 
 
-# ==== the losses of the modes ====
+# ==== the ground-truth losses of a step ====
 def supervised(loss_sup, logits, source, ignore=None):
     """The supervised loss of `logits` against a labeled batch dict (partial labels aware)."""
     return loss_sup(logits, source["mask"], ignore=ignore, annotated=source["annotated"],
@@ -98,187 +101,123 @@ def labeled_and_pseudo(loss_sup, loss_stream, logits, batch_x):
             + loss_stream(logits, batch_x["mask"], ~pseudo_pixels))
 
 
-def edge_logs(loss_edge, cfg):
-    return {"loss_edge": loss_edge} if cfg.edge_guided else {}
-
-
-def consistency_loss(student, teacher, batch_x, batch_u, loss_sup, loss_stream, cfg, weight,
-                     area_bounds=None):
-    """pseudo_label and mean_teacher: `labeled_and_pseudo` on the labeled (+ pseudo-labelled) batch and
-    `weight`· a consistency between the student on the strong view and the teacher on the weak
-    view of the same unlabeled slices: `consistency: mse`, the squared difference of their
-    softmax, summed over classes and averaged over pixels; `hard`, `loss_stream` against the
-    teacher's argmax where its confidence is at least `conf_thresh` (with `area_bounds`,
-    pseudo_area_filter, a class beyond its plausible area ignored). Returns (loss, logs)."""
-    batch_u = strong_views(batch_u)  # the strong views, built on the device from the batch's draws
-    with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
-        prob_u_w = teacher(batch_u["image_w"]).float().softmax(1)
-    logits_x, edge_logits = forward_with_edges(student, batch_x["image"])
-    # the strong views in a forward of their own, as UniMatch's: in one batch with the labeled
-    # slices their perturbed intensities set the BatchNorm statistics the labeled slices were
-    # normalised with, and the student fell 0.16 Dice behind supervised training even without
-    # the consistency (docs/experiments.md, Mean Teacher: strong views in a forward of their own)
-    logits_u_s = student(batch_u["image_s1"])
-    loss_x = labeled_and_pseudo(loss_sup, loss_stream, logits_x, batch_x)
-    conf_u_w, pseudo_u = prob_u_w.max(1)
-    if cfg.consistency == "hard":  # the teacher's confident argmax, trained as UniMatch's streams
-        pseudo_u = confident_pseudo_labels(conf_u_w, pseudo_u, cfg.conf_thresh, area_bounds)
-        loss_u = loss_stream(logits_u_s, pseudo_u)
-    else:  # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than
-        # the supervised one (phantom, 100-step model), so the consistency barely acted
-        loss_u = mse_consistency(logits_u_s.float().softmax(1), prob_u_w) * prob_u_w.shape[1]
-    loss_edge = edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"], cfg)
-    loss = loss_x + weight * loss_u + loss_edge
-    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,
-                  "conf_teacher": conf_u_w.mean(), **edge_logs(loss_edge, cfg)}
-
-
-def bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio, u_weight,
-             area_bounds=None):
-    """One BCP step; `teachers` = (dynamic EMA, static), or None in the pre-training phase.
-
-    One box of side `ratio`·side per slice (uniform position, as the authors' code) marks the
-    pasted region. Pre-training: each labeled slice around the box of the next one in the batch.
-    Self-training: each unlabeled slice u around the box of the labeled slice x at its position,
-    and x around the same box of u. Both directions use the whole batches, so every ground-truth
-    pixel is trained once per step, as in supervised training (the authors pair halves of the
-    batches, which trains half of them: docs/experiments.md, BCP: whole batches and pre-training
-    share). Ground truth at weight 1, pseudo-labels at `u_weight` (the config's, ramped in after
-    pre-training by the caller), pixels where the chosen teacher's confidence is under
-    `conf_thresh` ignored. With `plain_weight` > 0 the labeled slices themselves are also
-    trained, unmixed, at that weight: the authors train ground truth only inside mixes, and at a
-    few hundred steps BCP trailed supervised training by far (docs/experiments.md, BCP
-    plain-slices term).
-    """
-    logs = {}
-    if teachers is None:
-        partners = {key: batch_x[key].roll(-1, 0) for key in LABELED_KEYS}
-        pairs = [(batch_x, partners)]
-    else:
-        img_u_w = batch_u["image_w"]
-        pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
-            *teachers, img_u_w, largest_component=cfg.label_mode == "class")
-        pseudo = confident_pseudo_labels(conf_u_w, pseudo, cfg.conf_thresh, area_bounds)
-        # the rest is complete: each of their 0-pixels is (believed) background
-        unlabeled = {"image": img_u_w, "mask": pseudo, "certain_background": pseudo != IGNORE_INDEX}
-        pairs = [(unlabeled, batch_x), (batch_x, unlabeled)]
-        logs = {"conf_teacher": conf_u_w.mean(), "static_share": from_static.float().mean(),
-                "pseudo_ignored": (pseudo == IGNORE_INDEX).float().mean()}
-    num_x, (height, width) = len(batch_x["image"]), batch_x["image"].shape[-2:]
-    box = random_boxes(num_x, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
-                       batch_x["image"].device)
-    mixes = [paste(outer["image"], inner["image"], box) for outer, inner in pairs]
-    # `plain_weight`: the labeled slices themselves too, first in the same forward
-    plain = [batch_x["image"]] if cfg.plain_weight else []
-    num_plain = num_x if plain else 0
-    logits, edge_logits = forward_with_edges(student, torch.cat(plain + mixes))
-    loss_plain = supervised(loss_sup, logits[:num_plain], batch_x) if num_plain else 0
-    logits, edge_logits = logits[num_plain:], None if edge_logits is None else edge_logits[num_plain:]
-    loss_x = loss_u = 0
-    for logits_mix, (outer, inner) in zip(logits.chunk(len(pairs)), pairs):
-        for source, ignore in ((outer, box), (inner, ~box)):
-            if "annotated" in source:
-                loss_x = loss_x + supervised(loss_sup, logits_mix, source, ignore)
-            else:
-                loss_u = loss_u + loss_stream(logits_mix, source["mask"], ignore)
-    mixed = {key: torch.cat([paste(outer[key], inner[key], box) for outer, inner in pairs])
-             for key in ("mask", "certain_background")}
-    loss_edge = edge_term(edge_logits, mixed["mask"], mixed["certain_background"], cfg)
-    loss = loss_x + cfg.plain_weight * loss_plain + u_weight * loss_u + loss_edge
-    plain_logs = {"loss_plain": loss_plain} if num_plain else {}
-    return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask_ratio": ratio, **logs,
-                  **plain_logs, **edge_logs(loss_edge, cfg)}
-
-
 # ==== the training steps: each mode's whole step, schedule and teacher updates included ====
-# `m` holds the run's parts (student, teacher, static_teacher, loss_sup, loss_stream, optimizer,
-# scaler, device, and train_forward: the student's loss computation, through DDP under torchrun);
-# `it` the position: epoch, iteration (steps before this one), per_epoch, total.
-def rampup(cfg, it, start_epoch=0):
-    """exp(−5(1−t)²) with t = epochs done since `start_epoch` / `rampup_epochs` (Laine & Aila
-    2017); 1 with `rampup_epochs` 0."""
-    if cfg.rampup_epochs <= 0:
-        return 1.0
-    return sigmoid_rampup((it.iteration / it.per_epoch - start_epoch) / cfg.rampup_epochs)
+# `parts` (utils.teachers.TeacherStudentParts): the networks, losses and optimiser; `at`
+# (utils.teachers.Position): the step's place in the run. The forwards of the student run in the
+# step's nested `losses(student)`, handed to `parts.train_forward` (DDP under torchrun).
+def pseudo_label_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position, cfg):
+    """pseudo_label (and mean_teacher's loss, with the EMA teacher): `labeled_and_pseudo` on the
+    labeled (+ pseudo-labelled) batch, plus `w_consistency` (ramped up) × a consistency between
+    the student on the strong view and the teacher on the weak view of the same unlabeled
+    slices: `consistency: mse`, the squared difference of their softmax, summed over classes and
+    averaged over pixels; `hard`, `loss_stream` against the teacher's argmax where its
+    confidence is at least `conf_thresh` (with pseudo_area_filter, a class beyond its plausible
+    area ignored). Returns the step's logs."""
+    weight = cfg.w_consistency * rampup(cfg, at)
 
+    def losses(student):
+        strong = strong_views(batch_u)  # the strong views, built on the device from the batch's draws
+        with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
+            prob_u_w = parts.teacher(strong["image_w"]).float().softmax(1)
+        logits_x, edge_logits = forward_with_edges(student, batch_x["image"])
+        # the strong views in a forward of their own, as UniMatch's: in one batch with the labeled
+        # slices their perturbed intensities set the BatchNorm statistics the labeled slices were
+        # normalised with, and the student fell 0.16 Dice behind supervised training even without
+        # the consistency (docs/experiments.md, Mean Teacher: strong views in a forward of their own)
+        logits_u_s = student(strong["image_s1"])
+        loss_x = labeled_and_pseudo(parts.loss_sup, parts.loss_stream, logits_x, batch_x)
+        conf_u_w, pseudo_u = prob_u_w.max(1)
+        if cfg.consistency == "hard":  # the teacher's confident argmax, trained as UniMatch's streams
+            pseudo_u = confident_pseudo_labels(conf_u_w, pseudo_u, cfg.conf_thresh, parts.pseudo_area_bounds)
+            loss_u = parts.loss_stream(logits_u_s, pseudo_u)
+        else:  # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than
+            # the supervised one (phantom, 100-step model), so the consistency barely acted
+            loss_u = mse_consistency(logits_u_s.float().softmax(1), prob_u_w) * prob_u_w.shape[1]
+        edge = ({"loss_edge": parts.loss_sup.edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"])}
+                if cfg.edge_guided else {})
+        loss = loss_x + weight * loss_u + sum(edge.values())
+        return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "consistency_weight": weight,
+                      "conf_teacher": conf_u_w.mean(), **edge}
 
-def ramped_consistency_weight(cfg, it):
-    return cfg.w_consistency * rampup(cfg, it)
-
-
-def ema_alpha(cfg, it):
-    """`ema_alpha`, or (0) the decay sized to the run's length (see `run_length_alpha`)."""
-    return cfg.ema_alpha or run_length_alpha(it.total)
-
-
-def pseudo_label_step(m, batch_x, batch_u, it, cfg):
-    """Supervised loss on labeled + pseudo-labelled slices, ramped MSE to the fixed teacher."""
-    with autocast(m.device, cfg):
-        loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it),
-                                     m.pseudo_area_bounds)
-    optimizer_step(loss, m.optimizer, m.scaler, cfg)
+    with autocast(parts.device, cfg):
+        loss, logs = parts.train_forward(losses)
+    optimizer_step(loss, parts.optimizer, parts.scaler, cfg)
     return logs
 
 
-def mean_teacher_step(m, batch_x, batch_u, it, cfg):
-    """Supervised loss, ramped MSE to the EMA teacher, then the teacher follows the student."""
-    with autocast(m.device, cfg):
-        loss, logs = m.train_forward(consistency_loss, m.teacher, batch_x, batch_u, m.loss_sup,
-                                     m.loss_stream, cfg, ramped_consistency_weight(cfg, it),
-                                     m.pseudo_area_bounds)
-    optimizer_step(loss, m.optimizer, m.scaler, cfg)
-    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)
+def mean_teacher_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position, cfg):
+    """Mean Teacher: `pseudo_label_step`'s loss and update against the EMA teacher, which then
+    follows the student (`ema_update`)."""
+    logs = pseudo_label_step(parts, batch_x, batch_u, at, cfg)
+    ema_update(parts.teacher, parts.student, ema_alpha(cfg, at), at.iteration)
     return logs
 
 
-def bcp_step(m, batch_x, batch_u, it, cfg):
-    """Labeled copy-paste for the first `m.pretrain_epochs` (`pretrain_share` of the run), then
-    bidirectional copy-paste with the dual teacher: the static teacher takes the student's
-    weights every `static_every` steps of self-training, the box side follows
-    `mask_ratio_schedule`, the EMA teacher follows the student from the start (it is the
-    validated model)."""
-    self_training = it.epoch >= m.pretrain_epochs
-    self_training_steps = it.iteration - m.pretrain_epochs * it.per_epoch
-    if self_training and self_training_steps % cfg.static_every == 0:
-        m.static_teacher.load_state_dict(m.student.state_dict())
-        distributed.sync_buffers(m.static_teacher)  # per-process BatchNorm (CPU): rank 0's statistics
+def bcp_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position, cfg):
+    """BCP: labeled copy-paste for the first `parts.pretrain_epochs`, then bidirectional
+    copy-paste with the dual teacher's pseudo-labels (EMA, and static: the student's copy every
+    `static_every` steps) at `u_weight`; the EMA teacher, validated, follows the student from the
+    start. One box a slice (side `ratio`·side, uniform position, as the authors' code), whole
+    batches both ways: every ground-truth pixel once a step (the authors pair halves:
+    docs/experiments.md, BCP: whole batches and pre-training share); `plain_weight`: unmixed too."""
+    self_training = at.epoch >= parts.pretrain_epochs
+    if self_training and (at.iteration - parts.pretrain_epochs * at.per_epoch) % cfg.static_every == 0:
+        parts.static_teacher.load_state_dict(parts.student.state_dict())
+        distributed.sync_buffers(parts.static_teacher)  # per-process BatchNorm (CPU): rank 0's statistics
     start, end = cfg.mask_ratio_schedule
-    ratio = start + (end - start) * it.iteration / max(it.total - 1, 1)
-    with autocast(m.device, cfg):
-        # the pseudo-labelled regions ramp in like the consistency: a teacher fresh from a short
-        # pre-training labels most organs as confident background (docs/experiments.md,
-        # Teacher-student diagnosis at 100 steps)
-        u_weight = cfg.u_weight * rampup(cfg, it, m.pretrain_epochs)
-        loss, logs = m.train_forward(bcp_loss, (m.teacher, m.static_teacher) if self_training
-                                     else None, batch_x, batch_u, m.loss_sup, m.loss_stream,
-                                     cfg, ratio, u_weight, m.pseudo_area_bounds)
-    optimizer_step(loss, m.optimizer, m.scaler, cfg)
+    ratio = start + (end - start) * at.iteration / max(at.total - 1, 1)
+    # pseudo-labels ramp in: a teacher fresh from a short pre-training labels most organs as
+    # confident background (docs/experiments.md, Teacher-student diagnosis at 100 steps)
+    u_weight = cfg.u_weight * rampup(cfg, at, parts.pretrain_epochs)
+
+    def losses(student):
+        logs, num_x, (height, width) = {}, len(batch_x["image"]), batch_x["image"].shape[-2:]
+        if not self_training:  # (outer, inner) pairs: each labeled slice around the next one's box
+            pairs = [(batch_x, {key: batch_x[key].roll(-1, 0) for key in LABELED_KEYS})]
+        else:
+            pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
+                parts.teacher, parts.static_teacher, batch_u["image_w"], largest_component=cfg.label_mode == "class")
+            pseudo = confident_pseudo_labels(conf_u_w, pseudo, cfg.conf_thresh, parts.pseudo_area_bounds)
+            # complete labels: each of their 0-pixels is (believed) background
+            unlabeled = {"image": batch_u["image_w"], "mask": pseudo, "certain_background": pseudo != IGNORE_INDEX}
+            pairs = [(unlabeled, batch_x), (batch_x, unlabeled)]  # u around x's box, x around u's
+            logs = {"conf_teacher": conf_u_w.mean(), "static_share": from_static.float().mean(),
+                    "pseudo_ignored": (pseudo == IGNORE_INDEX).float().mean()}
+        box = random_boxes(num_x, height, width, 1.0, (ratio * ratio,) * 2, (width / height,) * 2,
+                           batch_x["image"].device)
+
+        def mixed(key):  # the pairs' `key` maps: inner pasted into outer in the box
+            return [paste(outer[key], inner[key], box) for outer, inner in pairs]
+        plain = [batch_x["image"]] if cfg.plain_weight else []  # the labeled slices themselves first, unmixed
+        num_plain = num_x if plain else 0
+        logits, edge_logits = forward_with_edges(student, torch.cat(plain + mixed("image")))
+        loss_plain = supervised(parts.loss_sup, logits[:num_plain], batch_x) if num_plain else 0
+        logits, edge_logits = logits[num_plain:], None if edge_logits is None else edge_logits[num_plain:]
+        loss_x = loss_u = 0
+        for logits_mix, (outer, inner) in zip(logits.chunk(len(pairs)), pairs):
+            for source, ignore in ((outer, box), (inner, ~box)):
+                if "annotated" in source:
+                    loss_x = loss_x + supervised(parts.loss_sup, logits_mix, source, ignore)
+                else:
+                    loss_u = loss_u + parts.loss_stream(logits_mix, source["mask"], ignore)
+        edge = ({"loss_edge": parts.loss_sup.edge_term(edge_logits, torch.cat(mixed("mask")),
+                                                        torch.cat(mixed("certain_background")))}
+                if cfg.edge_guided else {})
+        loss = loss_x + cfg.plain_weight * loss_plain + u_weight * loss_u + sum(edge.values())
+        return loss, {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "mask_ratio": ratio, **logs,
+                      **({"loss_plain": loss_plain} if num_plain else {}), **edge}
+
+    with autocast(parts.device, cfg):
+        loss, logs = parts.train_forward(losses)
+    optimizer_step(loss, parts.optimizer, parts.scaler, cfg)
     if not self_training:  # no target forward yet: without this pass the EMA teacher's own
-        with torch.no_grad(), autocast(m.device, cfg):  # BatchNorm statistics stayed at their initial
-            m.teacher(batch_x["image"])  # values all along pre-training: it predicted organs everywhere
-    ema_update(m.teacher, m.student, ema_alpha(cfg, it), it.iteration)  # (rank 0's statistics kept)
+        with torch.no_grad(), autocast(parts.device, cfg):  # BatchNorm statistics stayed at their initial
+            parts.teacher(batch_x["image"])  # values all along pre-training: it predicted organs everywhere
+    ema_update(parts.teacher, parts.student, ema_alpha(cfg, at), at.iteration)  # (rank 0's statistics kept)
     return logs
 
 
-TRAIN_STEPS = {"pseudo_label": pseudo_label_step, "mean_teacher": mean_teacher_step,
-               "bcp": bcp_step}
-
-
-@torch.no_grad()
-def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True):
-    """Per pixel the argmax of the more confident teacher (ties: the dynamic one), then, with
-    `largest_component`, each class's largest component (not in instance mode: its interior
-    class holds every structure, so this would keep one structure). images [B, C, H, W] ->
-    (pseudo int64 [B, H, W], IGNORE_INDEX off the largest components; confidence [B, H, W];
-    from_static bool [B, H, W])."""
-    conf_dynamic, label_dynamic = dynamic(images).float().softmax(1).max(1)
-    conf_static, label_static = static(images).float().softmax(1).max(1)
-    from_static = conf_static > conf_dynamic
-    labels = torch.where(from_static, label_static, label_dynamic)
-    if largest_component:
-        labels = largest_component_labels(labels)
-    return labels, torch.maximum(conf_dynamic, conf_static), from_static
+STEPS = {"pseudo_label": pseudo_label_step, "mean_teacher": mean_teacher_step, "bcp": bcp_step}
 
 
 # ==== pseudo_label: teacher and pseudo-label set ====
@@ -455,96 +394,130 @@ def check_options(cfg):
             raise InputError(f"static_every: {cfg.static_every} is not a positive iteration count")
 
 
-def main(argv=None):
-    # ==== config, device, data ====
-    cfg = setup("teacher_student", argv, __doc__)
-    check_options(cfg)
-    device = pick_device(cfg.gpu)
-    data, split, norm = load_data(cfg)
-    labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
+
+# ==== the run's sets and parts ====
+@dataclass
+class FixedTeacher:
+    """pseudo_label's teacher: the network (eval mode, fed this run's normalisation), its
+    checkpoint and which of its weights ("model" or "teacher")."""
+    model: nn.Module
+    path: Path
+    weights: str
+
+
+@dataclass
+class TrainingSets:
+    """What the steps draw: an unlabeled batch and a batch of each labeled set of the phase
+    (`phases`: before and after `pretrain_epoch_count`), `iterations` steps an epoch."""
+    unlabeled: Dataset
+    batch_size_u: int
+    phases: tuple                       # (the first phase's labeled sets, the second phase's)
+    iterations: int
+    teacher: FixedTeacher | None = None                 # pseudo_label
+    pseudo_logs: dict = field(default_factory=dict)     # pseudo_label: logged with every step
+
+    def loaders(self, cfg, epoch, second_phase):
+        """The epoch's steps: (unlabeled batch, labeled batch of each set of the phase)."""
+        labeled_sets = self.phases[int(second_phase)]
+        return zip(epoch_loader(self.unlabeled, cfg, epoch, self.iterations, self.batch_size_u, stream=1),
+                   *(epoch_loader(dataset, cfg, epoch, self.iterations, cfg.batch_size, stream=stream)
+                     for dataset, stream in zip(labeled_sets, (0, 2))))
+
+
+def training_sets(cfg, data, norm, device, labeled_set, unlabeled_set, batch_size_u, pseudo_area_bounds):
+    """The sets the steps draw from. mean_teacher, bcp: the labeled set in both phases, an epoch
+    a pass over the unlabeled slices. pseudo_label: the teacher (`prepare_teacher`) labels the
+    unlabeled pool (`pseudo_label_set`), an epoch is a pass over the labeled slices as in
+    train_supervised.py; `joint`: a whole labeled batch and as many pseudo-labelled slices on top
+    every step, so the student trains on as much ground truth per step as supervised training
+    (docs/experiments.md, pseudo_label: a whole labeled batch every step); `pretrain_finetune`:
+    the pseudo-labelled set, then the labeled one."""
+    if cfg.mode != "pseudo_label":
+        return TrainingSets(unlabeled_set, batch_size_u, ((labeled_set,),) * 2,
+                            iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u))
+    model, path, weights, facts = prepare_teacher(cfg, device)
     pool_images, pool_indices = unlabeled_set.images, unlabeled_set.indices
-    # The teacher and the pseudo-labels live inside the run directory, so fix it now.
-    cfg.out_dir = str(run_directory(cfg, cfg.mode))
+    n_keep = pseudo_label_count(cfg, len(pool_indices))
+    arrays, pseudo_logs = pseudo_label_set(model, facts, data, pool_images, pool_indices, n_keep, cfg,
+                                           Path(cfg.out_dir) / "pseudo_labels", device, pseudo_area_bounds)
+    pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
+                               augment=labeled_set.augment, air_threshold=cfg.air_threshold)
+    pseudo_set, tagged_labeled = SourceTagged(pseudo_set, True), SourceTagged(labeled_set, False)
+    phases = (((tagged_labeled, pseudo_set),) * 2 if cfg.schedule == "joint"
+              else ((pseudo_set,), (tagged_labeled,)))
+    if facts["normalize"] != norm:
+        model = Renormalized(model, norm, facts["normalize"])
+    return TrainingSets(unlabeled_set, batch_size_u, phases,
+                        iterations_per_epoch(cfg, len(labeled_set), cfg.batch_size),  # as supervised
+                        FixedTeacher(model, path, weights), pseudo_logs)
 
-    # ==== pseudo_label: teacher, pseudo-labels, and the training set of each phase ====
-    phase_streams, iterations = ((labeled_set,),) * 2, None  # the labeled batches of each phase
-    teacher = teacher_path = teacher_weights = None
-    pseudo_logs = {}
-    area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
-    pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
-    if cfg.mode == "pseudo_label":
-        teacher, teacher_path, teacher_weights, facts = prepare_teacher(cfg, device)
-        n_keep = pseudo_label_count(cfg, len(pool_indices))
-        arrays, pseudo_logs = pseudo_label_set(
-            teacher, facts, data, pool_images, pool_indices, n_keep, cfg,
-            Path(cfg.out_dir) / "pseudo_labels", device, pseudo_area_bounds)
-        pseudo_set = LabeledSlices(arrays, np.arange(n_keep), cfg.img_size, norm,
-                                   augment=labeled_set.augment, air_threshold=cfg.air_threshold)
-        pseudo_set, tagged_labeled = SourceTagged(pseudo_set, True), SourceTagged(labeled_set, False)
-        # joint: a whole labeled batch and as many pseudo-labelled slices on top, so the student
-        # trains on as much ground truth per step as supervised training (docs/experiments.md,
-        # pseudo_label: a whole labeled batch every step)
-        phase_streams = (((tagged_labeled, pseudo_set),) * 2 if cfg.schedule == "joint"
-                         else ((pseudo_set,), (tagged_labeled,)))
-        iterations = iterations_per_epoch(cfg, len(labeled_set), cfg.batch_size)  # as supervised
-        if facts["normalize"] != norm:
-            teacher = Renormalized(teacher, norm, facts["normalize"])
-    iterations = iterations or iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
-    seed_everything(cfg.seed, cfg.deterministic)
 
-    # ==== student, teachers, losses, optimiser ====
+def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_frequency, pseudo_area_bounds):
+    """The student (+ `init_ckpt`, or pseudo_label's teacher weights and AdamW moments), the mode's
+    teachers, losses and optimiser, and the `TrainingRun` that saves and validates them."""
     student, model_name, model_kwargs = build_network(cfg, data, device)  # + init_ckpt
-    if cfg.init_student_from_teacher and teacher_path and not cfg.resume:
-        load_init_weights(student, teacher_path, model_name, model_kwargs, teacher_weights)
+    from_teacher = cfg.init_student_from_teacher and sets.teacher is not None and not cfg.resume
+    if from_teacher:
+        load_init_weights(student, sets.teacher.path, model_name, model_kwargs, sets.teacher.weights)
     freeze_encoder_stages(student, cfg.freeze_encoder_stages)
     modules, static_teacher = {"model": student}, None
+    teacher = None if sets.teacher is None else sets.teacher.model
     if cfg.mode != "pseudo_label":
         teacher = modules["teacher"] = copy.deepcopy(student).eval().requires_grad_(False)
     if cfg.mode == "bcp":
         static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
     loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
-    loss_stream = build_stream_loss(cfg.stream_loss, cfg)
-    total_iterations = cfg.epochs * iterations
     optimizer, scheduler, scaler = build_optimisation(
-        cfg, [p for p in student.parameters() if p.requires_grad], total_iterations, device)
-    if cfg.init_student_from_teacher and teacher_path and not cfg.resume:
-        continue_teacher_optimizer(optimizer, teacher_path, teacher_weights)
+        cfg, [p for p in student.parameters() if p.requires_grad], cfg.epochs * sets.iterations, device)
+    if from_teacher:
+        continue_teacher_optimizer(optimizer, sets.teacher.path, sets.teacher.weights)
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
                       {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
                        "scaler": scaler}, data, split, norm, device,
                       validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
-
     if cfg.mode != "pseudo_label":  # the EMA teacher tracks its own BatchNorm statistics
         teacher = OwnStatistics(teacher)
-    parts = SimpleNamespace(student=student, teacher=teacher, static_teacher=static_teacher,
-                            loss_sup=loss_sup, loss_stream=loss_stream, optimizer=optimizer,
-                            scaler=scaler, device=device, pseudo_area_bounds=pseudo_area_bounds,
-                            train_forward=data_parallel(student, device),  # after freezing
-                            pretrain_epochs=pretrain_epoch_count(cfg))
-    train_step = TRAIN_STEPS[cfg.mode]
+    parts = TeacherStudentParts(
+        student=student, teacher=teacher, static_teacher=static_teacher, loss_sup=loss_sup,
+        loss_stream=build_stream_loss(cfg.stream_loss, cfg),
+        train_forward=data_parallel(student, device),  # after freezing and resuming
+        optimizer=optimizer, scaler=scaler, device=device, scheduler=scheduler,
+        pseudo_area_bounds=pseudo_area_bounds, pretrain_epochs=pretrain_epoch_count(cfg))
+    return parts, run
 
-    # ==== loop: an epoch is `iterations` steps ====
+
+def main(argv=None):
+    cfg = setup("teacher_student", argv, __doc__)
+    check_options(cfg)
+    device = pick_device(cfg.gpu)
+    data, split, norm = load_data(cfg)
+    labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
+    cfg.out_dir = str(run_directory(cfg, cfg.mode))  # fixed now: the teacher and pseudo-labels go in it
+    area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
+    pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
+    sets = training_sets(cfg, data, norm, device, labeled_set, unlabeled_set, batch_size_u, pseudo_area_bounds)
+    seed_everything(cfg.seed, cfg.deterministic)
+    parts, run = build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_frequency,
+                             pseudo_area_bounds)
+    train_step = STEPS[cfg.mode]
+
+    # ==== loop: an epoch is `sets.iterations` steps ====
     for epoch in range(run.start_epoch, cfg.epochs):
         seed_epoch(cfg.seed, epoch)  # exact resume: an epoch depends only on (seed, epoch)
-        student.train()
-        streams = phase_streams[int(epoch >= parts.pretrain_epochs)]
-        loaders = zip(epoch_loader(unlabeled_set, cfg, epoch, iterations, batch_size_u, stream=1),
-                      *(epoch_loader(dataset, cfg, epoch, iterations, cfg.batch_size, stream=stream)
-                        for dataset, stream in zip(streams, (0, 2))))
-        for batch_u, *batches_x in run.steps(loaders, iterations, epoch):
-            # instance mode: 3-class targets of the ids
-            batch_x = supervised_targets(concatenated(batches_x), cfg)
-            position = SimpleNamespace(epoch=epoch, iteration=run.iteration,
-                                       per_epoch=iterations, total=total_iterations)
-            logs = train_step(parts, batch_x, batch_u, position, cfg)
+        parts.student.train()
+        loaders = sets.loaders(cfg, epoch, second_phase=epoch >= parts.pretrain_epochs)
+        for batch_u, *batches_x in run.steps(loaders, sets.iterations, epoch):
+            batch_x = supervised_targets(concatenated(batches_x), cfg)  # instance mode: 3-class targets
+            at = Position(epoch, run.iteration, sets.iterations, cfg.epochs * sets.iterations)
+            logs = train_step(parts, batch_x, batch_u, at, cfg)
             if cfg.scheduler == "poly":
-                scheduler.step()
-            run.record({**logs, **pseudo_logs})
+                parts.scheduler.step()
+            run.record({**logs, **sets.pseudo_logs})
         scores = run.validate(epoch)
         if scores is not None:
-            loss_sup.update_kappa(scores["per_class_dice"])  # t-vMF Dice: κ from validation Dice
+            parts.loss_sup.update_kappa(scores["per_class_dice"])  # t-vMF Dice: κ from validation Dice
             if cfg.scheduler == "plateau":
-                scheduler.step(scores[f"val_{cfg.select_metric}"])
+                parts.scheduler.step(scores[f"val_{cfg.select_metric}"])
             run.checkpoint(epoch, scores)
         if run.stopped:
             break

@@ -20,8 +20,9 @@ import torch
 from dataloaders.datasets import strong_views
 from networks import forward_with_feature_perturbation
 from utils.errors import InputError, run_cli
-from utils.losses import build_loss, build_stream_loss, drop_oversized_pseudo_labels
+from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
+from utils.priors import drop_oversized_pseudo_labels
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
                             load_data, semi_supervised_sets, supervised_targets)
 from utils.distributed import data_parallel

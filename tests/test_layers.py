@@ -8,7 +8,7 @@ from conftest import ROOT
 LAYERS = [
     ["utils.errors", "utils.files", "utils.config"],
     ["networks", "dataloaders"],
-    ["utils.losses", "utils.metrics", "utils.inference", "utils.postprocess", "utils.mixing",
+    ["utils.losses", "utils.priors", "utils.metrics", "utils.inference", "utils.postprocess", "utils.mixing",
      "utils.plots", "utils.checkpoint", "utils.instances"],
     ["utils.distributed", "utils.runtime", "utils.builders", "utils.optim", "utils.teachers",
      "utils.engine", "utils.runs"],

@@ -1,4 +1,5 @@
-"""Tests for utils/losses.py: hand-computed values, slow loop references, ignore masks, partial labels."""
+"""Tests for utils/losses.py: hand-computed values, slow loop references, ignore masks, partial labels;
+and for the labeled-set priors (utils/priors.py) that the area and zero-pixel terms take."""
 import math
 from types import SimpleNamespace
 
@@ -11,10 +12,10 @@ from utils.config import CONFIG_DIR
 from utils.errors import InputError
 from utils.losses import (
     IGNORE_INDEX, LOSS_NAMES, SupervisedLoss, TvMFDiceLoss, area_constraint_loss, build_loss,
-    build_stream_loss, class_area_bounds, class_area_statistics, cross_entropy, dice_loss,
-    drop_oversized_pseudo_labels, exclusion_loss, labeled_area_bounds, marginal_cross_entropy,
-    marginal_dice_loss, mse_consistency, unannotated_class_weights, zero_pixel_loss,
-    labeled_annotation_frequency)
+    build_stream_loss, cross_entropy, dice_loss, exclusion_loss, marginal_cross_entropy,
+    marginal_dice_loss, mse_consistency, unannotated_class_weights, zero_pixel_loss)
+from utils.priors import (class_area_bounds, class_area_statistics, drop_oversized_pseudo_labels,
+                          labeled_annotation_frequency, labeled_area_bounds)
 
 B, C, H, W = 2, 4, 5, 6
 
@@ -489,9 +490,10 @@ def test_build_loss_defaults_and_errors():
     # missing keys take configs/default.yaml's values: loss dice, partial_labels true (marginal)
     defaults = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
     loss = build_loss(SimpleNamespace())
-    assert (loss.name, loss.marginal) == (defaults["loss"], defaults["partial_labels"])
-    assert loss.background_ce_weight == defaults["background_ce_weight"]
-    assert (loss.zero_ce_weight, loss.annotation_rate) == (defaults["zero_ce_weight"], defaults["annotation_rate"])
+    opts = loss.options
+    assert (opts.name, opts.marginal) == (defaults["loss"], defaults["partial_labels"])
+    assert opts.background_ce_weight == defaults["background_ce_weight"]
+    assert (opts.zero_ce_weight, opts.annotation_rate) == (defaults["zero_ce_weight"], defaults["annotation_rate"])
     assert build_loss(SimpleNamespace(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
     with pytest.raises(InputError, match="loss"):
         build_loss(SimpleNamespace(loss="focal"))

@@ -18,11 +18,13 @@ from dataloaders.datasets import (STRONG_DRAW_FIELDS, UnlabeledSlices, geometric
                                   intensity_augmentation, strong_views)
 from networks import build_model
 from networks.edge import EdgeGuided, forward_with_edges
+from utils.distributed import data_parallel
 from utils.losses import build_stream_loss, edge_loss, edge_targets
 from utils.optim import make_scaler
 from utils.errors import InputError
-from utils.teachers import (OwnStatistics, ema_update, freeze_encoder_stages, largest_component_labels,
-                            run_length_alpha, sigmoid_rampup)
+from utils.teachers import (OwnStatistics, Position, TeacherStudentParts, dual_teacher_pseudo_labels,
+                            ema_alpha, ema_update, freeze_encoder_stages, largest_component_labels,
+                            rampup, run_length_alpha, sigmoid_rampup)
 
 IGNORE = 255
 
@@ -73,9 +75,9 @@ def test_run_length_alpha_averages_the_last_fifth_of_the_run(total_steps, alpha)
 
 
 def test_ema_alpha_zero_means_sized_to_the_run():
-    position = SimpleNamespace(total=400)
-    assert math.isclose(ts.ema_alpha(SimpleNamespace(ema_alpha=0.0), position), 0.9875)
-    assert ts.ema_alpha(SimpleNamespace(ema_alpha=0.9), position) == 0.9
+    position = Position(epoch=0, iteration=0, per_epoch=100, total=400)
+    assert math.isclose(ema_alpha(SimpleNamespace(ema_alpha=0.0), position), 0.9875)
+    assert ema_alpha(SimpleNamespace(ema_alpha=0.9), position) == 0.9
 
 
 # ==== data: the mean teacher's two views ====
@@ -184,12 +186,55 @@ def bcp_cfg(**changes):
                               "plain_weight": 0.0, "consistency": "mse", **changes})
 
 
+class NoUpdate:
+    """Optimiser and loss scaler in one that change nothing: these tests read a step's loss."""
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def scale(self, loss):
+        return self
+
+    def backward(self):
+        pass
+
+    def step(self, optimizer):
+        pass
+
+    def update(self):
+        pass
+
+
+def step_parts(student, loss_sup, loss_stream, teacher=None, static_teacher=None, area_bounds=None):
+    """The parts of a step around test doubles: the student's forwards through `data_parallel` as
+    in training, no optimiser update, a first phase of one epoch."""
+    return TeacherStudentParts(student=student, teacher=teacher, static_teacher=static_teacher,
+                               loss_sup=loss_sup, loss_stream=loss_stream,
+                               train_forward=data_parallel(student, torch.device("cpu")),
+                               optimizer=NoUpdate(), scaler=NoUpdate(), device=torch.device("cpu"),
+                               pseudo_area_bounds=area_bounds, pretrain_epochs=1)
+
+
+def bcp_losses(student, teachers, batch_x, batch_u, loss_sup, loss_stream, cfg, ratio, u_weight,
+               area_bounds=None):
+    """(loss, logs) of one `ts.bcp_step` at box side `ratio` and pseudo-label weight `u_weight`:
+    self-training with `teachers` = (EMA, static), pre-training with None (the teacher's
+    BatchNorm pass then goes through an identity)."""
+    cfg = SimpleNamespace(**{**vars(cfg), "mask_ratio_schedule": [ratio, ratio], "u_weight": u_weight,
+                             "rampup_epochs": 0, "static_every": 10 ** 6, "ema_alpha": 0.99, "grad_clip": 0})
+    dynamic, static = teachers or (nn.Identity(), None)
+    at = Position(epoch=1, iteration=6, per_epoch=5, total=10) if teachers else Position(0, 0, 5, 10)
+    logs = ts.bcp_step(step_parts(student, loss_sup, loss_stream, dynamic, static, area_bounds),
+                       batch_x, batch_u, at, cfg)
+    return logs["loss"], logs
+
+
 def test_bcp_self_training_puts_each_target_in_its_region_with_its_weight():
     torch.manual_seed(0)
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
-    loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+    loss, logs = bcp_losses(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                              bcp_cfg(), ratio=0.5, u_weight=0.5)
     mixed = student.inputs[0][:, 0]
     assert len(mixed) == 8                 # every labeled and unlabeled slice, both directions
@@ -217,7 +262,7 @@ def test_bcp_plain_weight_also_trains_the_labeled_slices_unmixed():
     batch_x, batch_u = bcp_batches()
     batch_x["image"] = torch.full((4, 1, 16, 16), 0.25)
     teachers = (IntensityClassifier().eval(), IntensityClassifier().eval())
-    loss, logs = ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+    loss, logs = bcp_losses(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                              bcp_cfg(plain_weight=0.5), ratio=0.5, u_weight=0.5)
     inputs = student.inputs[0][:, 0]
     assert len(inputs) == 12 and (inputs[:4] == 0.25).all()          # plain slices, then the mixes
@@ -241,14 +286,14 @@ def test_rampup_starts_at_its_epoch_and_follows_the_sigmoid_shape():
     cfg = SimpleNamespace(rampup_epochs=2.0)
 
     def at(iteration, start_epoch=0):
-        return ts.rampup(cfg, SimpleNamespace(iteration=iteration, per_epoch=10), start_epoch)
+        return rampup(cfg, Position(epoch=iteration // 10, iteration=iteration, per_epoch=10, total=100), start_epoch)
 
     # t = (iteration/10 − start) / 2; value exp(−5(1−t)²), 0 ≤ t ≤ 1
     assert at(0) == pytest.approx(math.exp(-5)) and at(10) == pytest.approx(math.exp(-5 * 0.25))
     assert at(20) == 1.0 and at(35) == 1.0
     assert at(30, start_epoch=3) == pytest.approx(math.exp(-5)) and at(10, start_epoch=3) == pytest.approx(math.exp(-5))
     assert at(40, start_epoch=3) == pytest.approx(math.exp(-5 * 0.25))
-    assert ts.rampup(SimpleNamespace(rampup_epochs=0), SimpleNamespace(iteration=0, per_epoch=10)) == 1.0
+    assert rampup(SimpleNamespace(rampup_epochs=0), Position(0, 0, 10, 100)) == 1.0
 
 
 def test_bcp_pretraining_mixes_each_labeled_slice_with_the_next_ones_box():
@@ -256,7 +301,7 @@ def test_bcp_pretraining_mixes_each_labeled_slice_with_the_next_ones_box():
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     batch_x["image"] = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(4, 1, 1, 1).expand(4, 1, 16, 16).clone()
-    loss, _ = ts.bcp_loss(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75, 0.5)
+    loss, _ = bcp_losses(student, None, batch_x, batch_u, loss_sup, loss_stream, bcp_cfg(), 0.75, 0.5)
     mixed = student.inputs[0][:, 0]
     partner = torch.tensor([1, 2, 3, 0])                 # slice i takes the box of slice i + 1
     box = mixed == batch_x["image"][partner, 0]
@@ -292,6 +337,16 @@ class LogitsByImage(nn.Module):
         return torch.cat([math.log(3.0) * images, torch.zeros_like(images)], 1)
 
 
+def consistency_losses(student, teacher, batch_x, batch_u, loss_sup, loss_stream, cfg, weight,
+                       area_bounds=None):
+    """(loss, logs) of one `ts.pseudo_label_step` (mean_teacher's loss too) with the consistency
+    at `weight`."""
+    cfg = SimpleNamespace(**{**vars(cfg), "w_consistency": weight, "rampup_epochs": 0, "grad_clip": 0})
+    logs = ts.pseudo_label_step(step_parts(student, loss_sup, loss_stream, teacher, area_bounds=area_bounds),
+                                batch_x, batch_u, Position(0, 0, 5, 10), cfg)
+    return logs["loss"], logs
+
+
 def identical_views(value):
     """Two unlabeled 4×4 slices of grey level `value` whose strong views equal the weak view."""
     identity = dict(brightness=1, contrast=1, brightness_first=1, gamma=1, blur_sigma=0,
@@ -308,7 +363,7 @@ def test_consistency_sums_the_squared_difference_over_classes_in_separate_forwar
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
     batch_u = identical_views(255)
     student = LogitsByImage()
-    loss, logs = ts.consistency_loss(student, teacher, batch_x, batch_u,
+    loss, logs = consistency_losses(student, teacher, batch_x, batch_u,
                                      Recorder(), Recorder(), bcp_cfg(), weight=2.0)
     # the labeled batch and the strong views in forwards of their own (own BatchNorm statistics)
     assert [len(batch) for batch in student.batches] == [1, 2]
@@ -329,7 +384,7 @@ def test_hard_consistency_trains_the_teachers_confident_argmax(bounds, expected_
                "annotated": torch.ones(1, 2, dtype=torch.bool),
                "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
     loss_stream = Recorder([0.7])
-    loss, logs = ts.consistency_loss(LogitsByImage(), FixedLogits(teacher_logits), batch_x, identical_views(0),
+    loss, logs = consistency_losses(LogitsByImage(), FixedLogits(teacher_logits), batch_x, identical_views(0),
                                      Recorder(), loss_stream, bcp_cfg(consistency="hard", conf_thresh=0.8),
                                      weight=2.0, area_bounds=bounds)
     # with bounds: class 1 covers 8 of 16 pixels, beyond its bound 0.25, so it is not taught
@@ -374,15 +429,16 @@ def test_bcp_pretraining_keeps_the_ema_teachers_batchnorm_statistics_on_the_data
     teacher = copy.deepcopy(student).eval()
     cfg = SimpleNamespace(**vars(bcp_cfg()), static_every=10, rampup_epochs=1.0,
                           mask_ratio_schedule=[0.5, 0.5], ema_alpha=0.99, amp=False, grad_clip=0)
-    m = SimpleNamespace(student=student, teacher=ts.OwnStatistics(teacher), static_teacher=None,
-                        loss_sup=lambda logits, *args, **kwargs: logits.mean(), loss_stream=None,
-                        optimizer=torch.optim.SGD(student.parameters(), lr=0.0),
-                        scaler=make_scaler(torch.device("cpu"), SimpleNamespace(amp=False)),
-                        device=torch.device("cpu"), pseudo_area_bounds=None, pretrain_epochs=1,
-                        train_forward=lambda step, *args: step(student, *args))
+    parts = TeacherStudentParts(
+        student=student, teacher=ts.OwnStatistics(teacher), static_teacher=None,
+        loss_sup=lambda logits, *args, **kwargs: logits.mean(), loss_stream=None,
+        train_forward=data_parallel(student, torch.device("cpu")),
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.0),
+        scaler=make_scaler(torch.device("cpu"), SimpleNamespace(amp=False)), device=torch.device("cpu"),
+        pretrain_epochs=1)
     batch_x, batch_u = bcp_batches()
     batch_x["image"] = torch.full_like(batch_x["image"], 3.0)
-    ts.bcp_step(m, batch_x, batch_u, SimpleNamespace(epoch=0, iteration=0, per_epoch=5, total=10), cfg)
+    ts.bcp_step(parts, batch_x, batch_u, Position(epoch=0, iteration=0, per_epoch=5, total=10), cfg)
     # one target pass at BatchNorm momentum 0.1 over a constant image of 3: mean 0 -> 0.3, var 1 -> 0.9
     assert torch.allclose(teacher[1].running_mean, torch.tensor([0.3, 0.3]))
     assert torch.allclose(teacher[1].running_var, torch.tensor([0.9, 0.9]))
@@ -395,13 +451,13 @@ def test_bcp_ignores_pseudo_labels_where_the_teachers_are_unsure():
     logits[:, 2, :, :8] = 12.0                  # left half: class 2, confidence 1/(1+2e^-12)
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
-    _, logs = ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+    _, logs = bcp_losses(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
                           loss_sup, loss_stream, bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5)
     for call in loss_stream.calls:
         assert (call["target"][..., :8] == 2).all() and (call["target"][..., 8:] == IGNORE).all()
     assert math.isclose(logs["pseudo_ignored"].item(), 0.5)
     loss_stream.calls.clear()                   # threshold 1/3 or less: nothing is ignored
-    ts.bcp_loss(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
+    bcp_losses(student, (FixedLogits(logits), FixedLogits(logits)), batch_x, batch_u,
                 loss_sup, loss_stream, bcp_cfg(conf_thresh=0.3), ratio=0.5, u_weight=0.5)
     assert all((call["target"] != IGNORE).all() for call in loss_stream.calls)
 
@@ -414,12 +470,12 @@ def test_bcp_area_filter_ignores_a_class_beyond_its_bound():
     student, loss_sup, loss_stream = IntensityClassifier(), Recorder(), Recorder()
     batch_x, batch_u = bcp_batches()
     teachers = (FixedLogits(logits), FixedLogits(logits))
-    ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+    bcp_losses(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                 bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.4]))
     for call in loss_stream.calls:              # 0.5 > 0.4: class 2 is not taught
         assert (call["target"][..., :8] == IGNORE).all() and (call["target"][..., 8:] == 0).all()
     loss_stream.calls.clear()
-    ts.bcp_loss(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
+    bcp_losses(student, teachers, batch_x, batch_u, loss_sup, loss_stream,
                 bcp_cfg(conf_thresh=0.5), ratio=0.5, u_weight=0.5, area_bounds=torch.tensor([1.0, 1.0, 0.6]))
     assert all((call["target"][..., :8] == 2).all() for call in loss_stream.calls)
 
@@ -430,7 +486,7 @@ def test_dual_teacher_takes_each_pixel_from_the_more_confident_teacher():
     dynamic = torch.cat([zeros, strength.expand(1, 1, 2, 6), zeros], 1)           # class 1, rising
     static = torch.cat([zeros, zeros, strength.flip(0).expand(1, 1, 2, 6)], 1)    # class 2, falling
     static[..., 2] = dynamic[..., 2]                           # column 2: a tie (identical output)
-    pseudo, confidence, from_static = ts.dual_teacher_pseudo_labels(
+    pseudo, confidence, from_static = dual_teacher_pseudo_labels(
         FixedLogits(dynamic), FixedLogits(static), torch.zeros(1, 1, 2, 6))
     # both teachers' confidence is e^s / (e^s + 2): the larger logit s wins; a tie goes to dynamic
     assert from_static[0, 0].tolist() == [True, True, False, False, False, False]

@@ -14,7 +14,8 @@ from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
 from utils.instances import instance_targets
-from utils.losses import IGNORE_INDEX, labeled_annotation_frequency, labeled_area_bounds
+from utils.losses import IGNORE_INDEX
+from utils.priors import labeled_annotation_frequency, labeled_area_bounds
 
 
 def load_data(cfg):

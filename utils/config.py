@@ -72,6 +72,12 @@ def training_default(key):
     return copy.deepcopy(_training_defaults()[key])
 
 
+def setting(cfg, key):
+    """`cfg`'s value of `key` (any object with attributes, e.g. a SimpleNamespace), else the
+    training default in configs/default.yaml — the one place defaults are written."""
+    return getattr(cfg, key) if hasattr(cfg, key) else training_default(key)
+
+
 def _same_type(default, value):
     if default is None or value is None:
         return True

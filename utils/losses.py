@@ -1,7 +1,11 @@
 # Naming across the repo (UniMatch's grammar): img_x / mask_x = labeled image and its mask;
 # img_u_w = weakly augmented unlabeled image; img_u_s1 / img_u_s2 = its two strong views;
 # conf_u_w = confidence (max softmax probability) of the prediction on img_u_w.
-"""Segmentation losses shared by every training script (README, Losses and partial labels).
+"""Segmentation losses shared by every training script (README, Losses and partial labels): the
+plain and partial-label losses, the area constraint, the zero-pixel loss, the edge loss, and the
+whole supervised loss (`SupervisedLoss`, built from the config by `build_loss`) and stream loss
+(`build_stream_loss`). What the labeled set tells before training (area bounds, annotation
+frequencies) and pseudo-label hygiene are in utils/priors.py.
 
 Conventions for every loss here:
 - `logits`  float `[B, C, H, W]` (float16/bfloat16 are upcast: every loss is computed in float32, or
@@ -16,13 +20,14 @@ Every loss returns a scalar tensor connected to the graph, never NaN. When no pi
 CE, Dice, marginal, exclusion and MSE losses give 0; t-vMF gives its constant for empty classes.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.config import training_default
+from utils.config import setting
 from utils.errors import InputError
 
 IGNORE_INDEX = 255
@@ -276,44 +281,7 @@ def exclusion_loss(logits, target, annotated=None, ignore=None, smooth=1e-5):
     return torch.where(scored_pairs, overlap, 0).sum() / scored_pairs.sum().clamp(min=1)
 
 
-# ---------------------------------------------------------------- area priors (Kervadec et al. 2019)
-def class_area_statistics(masks, annotated, num_classes):
-    """Per-class area statistics of a labeled set, the prior of the area constraint.
-
-    masks `(N, H, W)` ints (partial labels), annotated `(N, C)` bool (classes annotated on each
-    slice; a class present in a mask counts as annotated). Only slices where a class is
-    present tell its area (elsewhere an unannotated organ reads 0, and an annotated but absent
-    class says nothing about its size when present). Returns a dict of NumPy arrays:
-    `annotation_rate (C,)` (share of the slices on which the class is annotated), `areas` (list
-    of C arrays: the class's area fraction of each slice where it is present) and
-    `max_area (C,)` (0 for a class never seen). Background (0) is included.
-    """
-    masks = np.asarray(masks)
-    if masks.ndim != 3 or len(masks) == 0:
-        raise ValueError(f"masks must be (N, H, W) with N > 0, got {masks.shape}")
-    counts = np.stack([np.bincount(m.ravel(), minlength=num_classes)[:num_classes] for m in masks])
-    fractions = counts / float(masks.shape[1] * masks.shape[2])
-    present = counts > 0
-    annotated = present if annotated is None else np.asarray(annotated, bool) | present
-    areas = [fractions[present[:, c], c] for c in range(num_classes)]
-    return {"annotation_rate": annotated.mean(axis=0), "areas": areas,
-            "max_area": np.array([a.max() if a.size else 0.0 for a in areas])}
-
-
-def class_area_bounds(masks, annotated, num_classes, quantile=0.95, margin=1.5):
-    """Per-class upper bound of the predicted area on one slice, as a fraction of the slice.
-
-    From `class_area_statistics`: the `quantile` of the class's annotated areas times `margin`
-    (augmentation rescales areas by up to 1.2² = 1.44), capped at 1. A class never annotated in
-    the labeled set gets bound 0: nothing in the labels supports predicting it anywhere.
-    Background gets 1 (no bound). Returns a float32 tensor `(C,)`.
-    """
-    stats = class_area_statistics(masks, annotated, num_classes)
-    bounds = np.array([np.quantile(a, quantile) * margin if a.size else 0.0 for a in stats["areas"]])
-    bounds[0] = 1.0
-    return torch.from_numpy(np.minimum(bounds, 1.0)).float()
-
-
+# ---------------------------------------------------------------- area constraint (Kervadec et al. 2019)
 def area_constraint_loss(logits, bounds, ignore=None):
     """Area constraint (Kervadec et al., "Constrained-CNN losses for weakly supervised
     segmentation", Medical Image Analysis 2019), upper bounds only.
@@ -336,39 +304,7 @@ def area_constraint_loss(logits, bounds, ignore=None):
     return (excess * excess).sum(1).mean()
 
 
-def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
-    """Pseudo-label hygiene: a class that covers more of a slice than `bounds` allows is not
-    taught there — its pixels become `ignore_index`.
-
-    labels `[B,H,W]` ints (pseudo-labels; `ignore_index` pixels stay ignored), bounds `(C,)`
-    area fractions (`class_area_bounds`). The area of class c on slice b is its share of the
-    H·W pixels. Returns a new tensor; the input is not modified.
-    """
-    num_classes = bounds.shape[0]
-    flat = labels.flatten(1).long()
-    valid = flat != ignore_index
-    counts = torch.zeros(flat.shape[0], num_classes + 1, dtype=torch.long, device=labels.device)
-    counts.scatter_add_(1, torch.where(valid, flat, num_classes), torch.ones_like(flat))
-    area = counts[:, :num_classes].to(torch.float64) / flat.shape[1]
-    oversized = area > bounds.to(device=labels.device, dtype=torch.float64)  # [B, C]
-    oversized_pixel = torch.gather(
-        torch.cat([oversized, oversized.new_zeros(flat.shape[0], 1)], 1), 1,
-        torch.where(valid, flat, num_classes))
-    return torch.where(oversized_pixel.view_as(labels), torch.full_like(labels, ignore_index), labels)
-
-
-def confident_pseudo_labels(confidence, labels, conf_thresh, area_bounds=None,
-                            ignore_index=IGNORE_INDEX):
-    """A teacher's argmax `labels [B,H,W]` made into pseudo-labels: `ignore_index` where its
-    `confidence [B,H,W]` is under `conf_thresh` (an unsure teacher's argmax is mostly background
-    where it misses an organ), and with `area_bounds (C,)` a class covering more of a slice than
-    its bound ignored there (`drop_oversized_pseudo_labels`). Returns a new tensor."""
-    labels = labels.masked_fill(confidence < conf_thresh, ignore_index)
-    if area_bounds is not None:
-        labels = drop_oversized_pseudo_labels(labels, area_bounds, ignore_index)
-    return labels
-
-
+# ---------------------------------------------------------------- the zero-pixel loss (the annotation model)
 def _check_annotation_rate(rate):
     if not 0.0 <= rate <= 1.0:
         raise InputError(f"annotation_rate: must be in [0, 1], got {rate}")
@@ -432,195 +368,7 @@ def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate
     return _masked_mean(-log_likelihood, valid & (target == 0))
 
 
-# ---------------------------------------------------------------- composite built from the config
-LOSS_NAMES = ("dice", "tvmf_dice", "ce", "dice_ce", "marginal_ce", "marginal_dice", "marginal_dice_ce")
-STREAM_LOSS_NAMES = ("dice", "ce", "dice_ce")
-
-
-class SupervisedLoss(nn.Module):
-    """The supervised loss of a training script: its terms summed (see `terms`).
-
-    Terms by loss name: dice → dice; ce → ce; dice_ce → dice + ce; tvmf_dice → tvmf_dice;
-    marginal_* → the marginal versions, plus `exclusion_weight` × exclusion when that weight is > 0.
-    With `area_weight` > 0 and `area_bounds (C,)` (`class_area_bounds` of the labeled set),
-    `area_weight` × `area_constraint_loss` is added: no class may take more of a slice than its
-    annotations ever show (README, Losses and partial labels).
-    With `annotation_frequency (C,)` (`labeled_annotation_frequency`) the zero-pixel term weighs
-    each unannotated class by its presence on the labeled slices (`unannotated_class_weights`).
-    With partial labels, marginal losses alone never force the model to choose background (README:
-    it put an organ on every pixel), so whenever `certain_background` pixels are given and
-    `background_ce_weight` > 0, `background_ce_weight` × plain CE toward class 0 on those pixels only
-    is added, whatever the loss name.
-
-    Built by `build_loss`: `name` is the base name (dice | ce | dice_ce | tvmf_dice) and `marginal`
-    selects the partial-label versions; `dice_options` are `dice_loss`'s keyword options.
-    """
-
-    def __init__(self, name, num_classes=None, marginal=False, dice_options=None, tvmf_lambda=32.0,
-                 exclusion_weight=0.0, background_ce_weight=1.0, zero_ce_weight=0.0,
-                 annotation_rate=1.0, area_weight=0.0, area_bounds=None, annotation_frequency=None):
-        super().__init__()
-        self.area_weight = area_weight
-        # a buffer, so checkpoints keep the bounds the run trained with; None (not saved) when off
-        self.register_buffer("area_bounds", area_bounds if area_weight > 0 else None)
-        self.name = name
-        self.marginal = marginal
-        self.dice_options = dict(dice_options or {})
-        self.exclusion_weight = exclusion_weight
-        self.background_ce_weight = background_ce_weight
-        self.zero_ce_weight = zero_ce_weight
-        self.annotation_rate = annotation_rate
-        # w_k of the zero-pixel term per class (a buffer, on the loss's device), or None: 1 − r for all
-        self.register_buffer("zero_class_weights", None if annotation_frequency is None else
-                             unannotated_class_weights(annotation_rate, annotation_frequency))
-        self.tvmf = TvMFDiceLoss(num_classes, tvmf_lambda, partial_labels=marginal) if name == "tvmf_dice" else None
-
-    def area_term(self, logits, ignore=None):
-        """{"area": weighted `area_constraint_loss`} when the area constraint is on, else {}."""
-        if self.area_bounds is None:
-            return {}
-        return {"area": self.area_weight * area_constraint_loss(logits, self.area_bounds, ignore)}
-
-    def update_kappa(self, dice_per_class):
-        """Forward validation Dice to the t-vMF κ (see `TvMFDiceLoss.update_kappa`); no-op otherwise."""
-        if self.tvmf is not None:
-            self.tvmf.update_kappa(dice_per_class)
-
-    def terms(self, logits, target, ignore=None, annotated=None, certain_background=None):
-        """dict term name -> weighted scalar; their sum is `forward`. Shapes as `forward`."""
-        terms = {}
-        if self.tvmf is not None:
-            terms["marginal_tvmf_dice" if self.marginal else "tvmf_dice"] = self.tvmf(logits, target, ignore, annotated)
-        if self.name in ("dice", "dice_ce"):
-            if self.marginal:
-                terms["marginal_dice"] = marginal_dice_loss(logits, target, annotated, ignore, **self.dice_options)
-            else:
-                terms["dice"] = dice_loss(logits, target, ignore, **self.dice_options)
-        if self.name in ("ce", "dice_ce"):
-            if self.marginal:
-                terms["marginal_ce"] = marginal_cross_entropy(logits, target, annotated, ignore)
-            else:
-                terms["ce"] = cross_entropy(logits, target, ignore)
-        if self.marginal and self.exclusion_weight > 0:
-            smooth = self.dice_options.get("smooth", 1e-5)
-            terms["exclusion"] = self.exclusion_weight * exclusion_loss(logits, target, annotated, ignore, smooth)
-        if certain_background is not None and self.background_ce_weight > 0:
-            excluded = ~certain_background.bool() if ignore is None else ignore.bool() | ~certain_background.bool()
-            background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
-            terms["background_ce"] = self.background_ce_weight * cross_entropy(logits, background, excluded)
-        if self.marginal and self.zero_ce_weight > 0:
-            # the marginal losses never prefer background inside the body: the annotation model does
-            terms["zero_ce"] = self.zero_ce_weight * zero_pixel_loss(logits, target, annotated, ignore,
-                                                                     self.annotation_rate,
-                                                                     self.zero_class_weights)
-        terms.update(self.area_term(logits, ignore))
-        return terms
-
-    def forward(self, logits, target, ignore=None, annotated=None, certain_background=None):
-        """logits [B,C,H,W]; target int [B,H,W]; ignore bool [B,H,W] (True = excluded);
-        annotated bool [B,C] (partial labels; None = classes present in the target);
-        certain_background bool [B,H,W] (pixels surely background, e.g. air outside the body).
-        Returns a scalar ≥ 0."""
-        return sum(self.terms(logits, target, ignore, annotated, certain_background).values())
-
-
-def _setting(cfg, key):
-    """`cfg`'s value of `key` (any object with attributes, e.g. a SimpleNamespace), else the
-    training default in configs/default.yaml — the one place defaults are written."""
-    return getattr(cfg, key) if hasattr(cfg, key) else training_default(key)
-
-
-def _dice_options(cfg):
-    return {"include_background": bool(_setting(cfg, "dice_include_background")),
-            "squared": bool(_setting(cfg, "dice_squared")),
-            "smooth": float(_setting(cfg, "dice_smooth"))}
-
-
-def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
-    """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
-    config's `area_quantile` (0.95) and `area_margin` (1.5), on `device`; None when neither the
-    area constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
-    if float(_setting(cfg, "area_weight")) <= 0 and not _setting(cfg, "pseudo_area_filter"):
-        return None
-    return class_area_bounds(masks, annotated, cfg.num_classes,
-                             float(_setting(cfg, "area_quantile")),
-                             float(_setting(cfg, "area_margin"))).to(device)
-
-
-def labeled_annotation_frequency(cfg, masks, annotated):
-    """The share of the labeled training masks `(N,H,W)` / annotated `(N,C)` on which each class
-    is annotated (`class_area_statistics`), for the presence-aware zero-pixel term; None when
-    `zero_ce_presence` is off."""
-    if not _setting(cfg, "zero_ce_presence"):
-        return None
-    return class_area_statistics(masks, annotated, cfg.num_classes)["annotation_rate"]
-
-
-def build_loss(cfg, area_bounds=None, annotation_frequency=None):
-    """The `SupervisedLoss` a config asks for. Keys missing from `cfg` (any object with
-    attributes, e.g. a SimpleNamespace) take the training defaults of configs/default.yaml.
-
-    Keys: loss (one of LOSS_NAMES), num_classes, partial_labels (True turns dice/ce/dice_ce into
-    their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
-    dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
-    zero_ce_weight and annotation_rate (with marginal losses, that weight × `zero_pixel_loss` on
-    every 0-pixel), zero_ce_presence (that term per class, which needs `annotation_frequency
-    (C,)` from `labeled_annotation_frequency`), area_weight (the area constraint, which needs
-    `area_bounds (C,)` from `labeled_area_bounds`).
-    """
-    name = _setting(cfg, "loss")
-    if name not in LOSS_NAMES:
-        raise InputError(f"loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
-    marginal = name.startswith("marginal_") or bool(_setting(cfg, "partial_labels"))
-    base_name = name.removeprefix("marginal_")
-    num_classes = _setting(cfg, "num_classes")
-    area_weight = float(_setting(cfg, "area_weight"))
-    annotation_rate = float(_setting(cfg, "annotation_rate"))
-    _check_annotation_rate(annotation_rate)  # refused before training, not at its first step
-    if area_weight > 0 and area_bounds is None:
-        raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
-    if _setting(cfg, "zero_ce_presence") and annotation_frequency is None:
-        raise ValueError("zero_ce_presence needs annotation_frequency (see labeled_annotation_frequency)")
-    if name == "tvmf_dice" and num_classes is None:
-        raise InputError("num_classes: required by loss tvmf_dice")
-    return SupervisedLoss(base_name, num_classes, marginal, _dice_options(cfg),
-                          tvmf_lambda=float(_setting(cfg, "tvmf_lambda")),
-                          exclusion_weight=float(_setting(cfg, "exclusion_weight")),
-                          background_ce_weight=float(_setting(cfg, "background_ce_weight")),
-                          zero_ce_weight=float(_setting(cfg, "zero_ce_weight")),
-                          annotation_rate=annotation_rate,
-                          area_weight=area_weight, area_bounds=area_bounds,
-                          annotation_frequency=annotation_frequency if _setting(cfg, "zero_ce_presence") else None)
-
-
-def build_stream_loss(name, cfg=None, area_bounds=None):
-    """Loss of an unlabeled stream (UniMatch s1/s2/FP, teacher pseudo-labels) against pseudo-labels.
-
-    name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'); Dice options come from `cfg` as in
-    `build_loss` (defaults without it). Returns a callable (logits [B,C,H,W], pseudo-labels int
-    [B,H,W], ignore bool [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete
-    labels, so no marginalisation here. With `area_bounds (C,)` and `cfg.area_weight` > 0 the
-    area constraint is added on the stream's predictions too (all pixels: it needs no label).
-    """
-    if name not in STREAM_LOSS_NAMES:
-        raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
-    dice_options = _dice_options(cfg)
-    area_weight = float(_setting(cfg, "area_weight"))
-
-    def stream_loss(logits, target, ignore=None):
-        total = 0
-        if area_bounds is not None and area_weight > 0:
-            total = total + area_weight * area_constraint_loss(logits, area_bounds)
-        if name in ("dice", "dice_ce"):
-            total = total + dice_loss(logits, target, ignore, **dice_options)
-        if name in ("ce", "dice_ce"):
-            total = total + cross_entropy(logits, target, ignore)
-        return total
-
-    return stream_loss
-
-
-# ==== edge guidance (networks/edge.py): the boundary branch's loss ====
+# ---------------------------------------------------------------- the edge loss (networks/edge.py)
 def edge_targets(mask: torch.Tensor, known: torch.Tensor = None):
     """Boundary map of a label map and where it can be trusted.
 
@@ -658,11 +406,198 @@ def edge_loss(edge_logits: torch.Tensor, mask: torch.Tensor, known: torch.Tensor
     return (losses * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
-def edge_term(edge_logits, mask, known, cfg):
-    """`cfg.edge_weight` × `edge_loss` on the first len(mask) slices (the labeled ones); a zero
-    scalar without an edge branch. known: bool [B, H, W], where a 0 in `mask` is surely
-    background — used only with `cfg.partial_labels`."""
-    if edge_logits is None:
-        return torch.zeros((), device=mask.device)
-    return cfg.edge_weight * edge_loss(edge_logits[:len(mask)], mask,
-                                       known if cfg.partial_labels else None)
+
+# ---------------------------------------------------------------- the supervised loss, built from the config
+LOSS_NAMES = ("dice", "tvmf_dice", "ce", "dice_ce", "marginal_ce", "marginal_dice", "marginal_dice_ce")
+STREAM_LOSS_NAMES = ("dice", "ce", "dice_ce")
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What a `SupervisedLoss` computes: the config keys of the same names (`from_config`), except
+    `name`, the base of the config's `loss` (dice | ce | dice_ce | tvmf_dice), and `marginal`,
+    the partial-label versions (a `marginal_*` loss, or `partial_labels`)."""
+    name: str
+    marginal: bool
+    partial_labels: bool            # edge term: a 0-pixel is sure background only where certain
+    dice_include_background: bool   # dice_loss's options (`dice_options`)
+    dice_squared: bool
+    dice_smooth: float
+    tvmf_lambda: float
+    exclusion_weight: float
+    background_ce_weight: float
+    zero_ce_weight: float
+    annotation_rate: float
+    area_weight: float
+    edge_weight: float
+
+    @classmethod
+    def from_config(cls, cfg):
+        """The options `cfg` asks for (missing keys: the defaults of configs/default.yaml)."""
+        name = setting(cfg, "loss")
+        if name not in LOSS_NAMES:
+            raise InputError(f"loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
+        floats = {key: float(setting(cfg, key)) for key in (
+            "dice_smooth", "tvmf_lambda", "exclusion_weight", "background_ce_weight", "zero_ce_weight",
+            "annotation_rate", "area_weight", "edge_weight")}
+        return cls(name=name.removeprefix("marginal_"),
+                   marginal=name.startswith("marginal_") or bool(setting(cfg, "partial_labels")),
+                   partial_labels=bool(setting(cfg, "partial_labels")),
+                   dice_include_background=bool(setting(cfg, "dice_include_background")),
+                   dice_squared=bool(setting(cfg, "dice_squared")), **floats)
+
+    @property
+    def dice_options(self):
+        """`dice_loss`'s keyword options."""
+        return {"include_background": self.dice_include_background, "squared": self.dice_squared,
+                "smooth": self.dice_smooth}
+
+
+class SupervisedLoss(nn.Module):
+    """The whole supervised loss of a training script: its named terms (`terms`), summed (`forward`).
+
+    Terms by `options.name` (a `LossOptions`): dice → dice; ce → ce; dice_ce → dice + ce;
+    tvmf_dice → tvmf_dice; with `marginal` the partial-label versions, plus `exclusion_weight` ×
+    exclusion when that weight is > 0.
+    With `area_weight` > 0 and `area_bounds (C,)` (`priors.class_area_bounds` of the labeled set),
+    `area_weight` × `area_constraint_loss` is added: no class may take more of a slice than its
+    annotations ever show (README, Losses and partial labels).
+    With `annotation_frequency (C,)` (`priors.labeled_annotation_frequency`) the zero-pixel term
+    weighs each unannotated class by its presence on the labeled slices (`unannotated_class_weights`).
+    With partial labels, marginal losses alone never force the model to choose background (README:
+    it put an organ on every pixel), so whenever `certain_background` pixels are given and
+    `background_ce_weight` > 0, `background_ce_weight` × plain CE toward class 0 on those pixels only
+    is added, whatever the loss name.
+    With `edge_logits` (an edge-guided network's boundary branch), `edge_term` is added as "edge".
+
+    Built by `build_loss`.
+    """
+
+    def __init__(self, options, num_classes=None, area_bounds=None, annotation_frequency=None):
+        super().__init__()
+        self.options = options
+        # a buffer, so checkpoints keep the bounds the run trained with; None (not saved) when off
+        self.register_buffer("area_bounds", area_bounds if options.area_weight > 0 else None)
+        # w_k of the zero-pixel term per class (a buffer, on the loss's device), or None: 1 − r for all
+        self.register_buffer("zero_class_weights", None if annotation_frequency is None else
+                             unannotated_class_weights(options.annotation_rate, annotation_frequency))
+        self.tvmf = (TvMFDiceLoss(num_classes, options.tvmf_lambda, partial_labels=options.marginal)
+                     if options.name == "tvmf_dice" else None)
+
+    def update_kappa(self, dice_per_class):
+        """Forward validation Dice to the t-vMF κ (see `TvMFDiceLoss.update_kappa`); no-op otherwise."""
+        if self.tvmf is not None:
+            self.tvmf.update_kappa(dice_per_class)
+
+    def edge_term(self, edge_logits, target, certain_background=None):
+        """`edge_weight` × `edge_loss` of `edge_logits [B', 1, H, W]` on its first B slices against
+        the boundaries of `target [B, H, W]`; with `partial_labels`, a 0-pixel is trusted as
+        background only where `certain_background [B, H, W]` (`edge_targets`). A zero scalar when
+        `edge_logits` is None (a network without an edge branch)."""
+        if edge_logits is None:
+            return torch.zeros((), device=target.device)
+        known = certain_background if self.options.partial_labels else None
+        return self.options.edge_weight * edge_loss(edge_logits[:len(target)], target, known)
+
+    def terms(self, logits, target, ignore=None, annotated=None, certain_background=None,
+              edge_logits=None):
+        """dict term name -> weighted scalar; their sum is `forward`. Shapes as `forward`."""
+        options, terms = self.options, {}
+        if self.tvmf is not None:
+            name = "marginal_tvmf_dice" if options.marginal else "tvmf_dice"
+            terms[name] = self.tvmf(logits, target, ignore, annotated)
+        if options.name in ("dice", "dice_ce"):
+            if options.marginal:
+                terms["marginal_dice"] = marginal_dice_loss(logits, target, annotated, ignore, **options.dice_options)
+            else:
+                terms["dice"] = dice_loss(logits, target, ignore, **options.dice_options)
+        if options.name in ("ce", "dice_ce"):
+            if options.marginal:
+                terms["marginal_ce"] = marginal_cross_entropy(logits, target, annotated, ignore)
+            else:
+                terms["ce"] = cross_entropy(logits, target, ignore)
+        if options.marginal and options.exclusion_weight > 0:
+            terms["exclusion"] = options.exclusion_weight * exclusion_loss(logits, target, annotated, ignore,
+                                                                           options.dice_smooth)
+        if certain_background is not None and options.background_ce_weight > 0:
+            excluded = ~certain_background.bool() if ignore is None else ignore.bool() | ~certain_background.bool()
+            background = torch.zeros_like(target).masked_fill(target == IGNORE_INDEX, IGNORE_INDEX)
+            terms["background_ce"] = options.background_ce_weight * cross_entropy(logits, background, excluded)
+        if options.marginal and options.zero_ce_weight > 0:
+            # the marginal losses never prefer background inside the body: the annotation model does
+            terms["zero_ce"] = options.zero_ce_weight * zero_pixel_loss(logits, target, annotated, ignore,
+                                                                        options.annotation_rate,
+                                                                        self.zero_class_weights)
+        if self.area_bounds is not None:
+            terms["area"] = options.area_weight * area_constraint_loss(logits, self.area_bounds, ignore)
+        if edge_logits is not None:
+            terms["edge"] = self.edge_term(edge_logits, target, certain_background)
+        return terms
+
+    def forward(self, logits, target, ignore=None, annotated=None, certain_background=None, edge_logits=None):
+        """logits [B,C,H,W]; target int [B,H,W]; ignore bool [B,H,W] (True = excluded; not from
+        the edge term, whose unknowns are the IGNORE_INDEX pixels of `target`); annotated bool
+        [B,C] (partial labels; None = classes present in the target); certain_background bool
+        [B,H,W] (pixels surely background, e.g. air outside the body); edge_logits [B,1,H,W] or
+        None. Returns a scalar ≥ 0."""
+        return sum(self.terms(logits, target, ignore, annotated, certain_background, edge_logits).values())
+
+
+def _dice_options(cfg):
+    return {"include_background": bool(setting(cfg, "dice_include_background")),
+            "squared": bool(setting(cfg, "dice_squared")),
+            "smooth": float(setting(cfg, "dice_smooth"))}
+
+
+def build_loss(cfg, area_bounds=None, annotation_frequency=None):
+    """The `SupervisedLoss` a config asks for (`LossOptions.from_config`). Keys missing from `cfg`
+    (any object with attributes, e.g. a SimpleNamespace) take the training defaults of
+    configs/default.yaml.
+
+    Keys: loss (one of LOSS_NAMES), num_classes, partial_labels (True turns dice/ce/dice_ce into
+    their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
+    dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
+    zero_ce_weight and annotation_rate (with marginal losses, that weight × `zero_pixel_loss` on
+    every 0-pixel), zero_ce_presence (that term per class, which needs `annotation_frequency
+    (C,)` from `priors.labeled_annotation_frequency`), area_weight (the area constraint, which
+    needs `area_bounds (C,)` from `priors.labeled_area_bounds`), edge_weight (the edge term).
+    """
+    options = LossOptions.from_config(cfg)
+    num_classes = setting(cfg, "num_classes")
+    _check_annotation_rate(options.annotation_rate)  # refused before training, not at its first step
+    if options.area_weight > 0 and area_bounds is None:
+        raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
+    presence = setting(cfg, "zero_ce_presence")
+    if presence and annotation_frequency is None:
+        raise ValueError("zero_ce_presence needs annotation_frequency (see labeled_annotation_frequency)")
+    if options.name == "tvmf_dice" and num_classes is None:
+        raise InputError("num_classes: required by loss tvmf_dice")
+    return SupervisedLoss(options, num_classes, area_bounds, annotation_frequency if presence else None)
+
+
+def build_stream_loss(name, cfg=None, area_bounds=None):
+    """Loss of an unlabeled stream (UniMatch s1/s2/FP, teacher pseudo-labels) against pseudo-labels.
+
+    name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'); Dice options come from `cfg` as in
+    `build_loss` (defaults without it). Returns a callable (logits [B,C,H,W], pseudo-labels int
+    [B,H,W], ignore bool [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete
+    labels, so no marginalisation here. With `area_bounds (C,)` and `cfg.area_weight` > 0 the
+    area constraint is added on the stream's predictions too (all pixels: it needs no label).
+    """
+    if name not in STREAM_LOSS_NAMES:
+        raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
+    dice_options = _dice_options(cfg)
+    area_weight = float(setting(cfg, "area_weight"))
+
+    def stream_loss(logits, target, ignore=None):
+        total = 0
+        if area_bounds is not None and area_weight > 0:
+            total = total + area_weight * area_constraint_loss(logits, area_bounds)
+        if name in ("dice", "dice_ce"):
+            total = total + dice_loss(logits, target, ignore, **dice_options)
+        if name in ("ce", "dice_ce"):
+            total = total + cross_entropy(logits, target, ignore)
+        return total
+
+    return stream_loss
+

@@ -1,9 +1,11 @@
-"""Mechanics the teacher–student methods share (`train_teacher_student.py`): the EMA update and
-its decay sized to the run, the consistency ramp-up, freezing encoder stages, cleaning
-pseudo-labels to their largest component, and feeding a loaded teacher the normalisation it
-was trained with.
+"""Mechanics the teacher–student methods share (`train_teacher_student.py`): the parts a step
+works with and its position in the run, the EMA update and its decay sized to the run, the
+ramp-up, the dual teacher's pick, freezing encoder stages, cleaning pseudo-labels to their
+largest component, and feeding a loaded teacher the normalisation it was trained with.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -11,8 +13,48 @@ import torch.nn as nn
 
 from utils import distributed
 from utils.errors import InputError
-from utils.losses import IGNORE_INDEX
+from utils.losses import IGNORE_INDEX, SupervisedLoss
 from utils.postprocess import keep_largest_component
+
+
+@dataclass
+class TeacherStudentParts:
+    """What a teacher–student step works with, built once per run."""
+    student: nn.Module
+    teacher: nn.Module | None           # pseudo_label: the fixed teacher; else the EMA (OwnStatistics)
+    static_teacher: nn.Module | None    # bcp: the student, copied every `static_every` steps
+    loss_sup: SupervisedLoss            # ground truth (partial labels)
+    loss_stream: Callable               # complete pseudo-labels (losses.build_stream_loss)
+    train_forward: Callable             # distributed.data_parallel(student): runs f(student) in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    scheduler: object = None            # stepped by the loop (poly: per step; plateau: per evaluation)
+    pseudo_area_bounds: torch.Tensor | None = None  # pseudo_area_filter: class area bounds (C,)
+    pretrain_epochs: int = 0            # epochs of the first phase (bcp, pseudo_label pretrain_finetune)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a step is: `epoch` (from 0), `iteration` (steps before this one), `per_epoch` steps
+    an epoch, `total` steps in the run."""
+    epoch: int
+    iteration: int
+    per_epoch: int
+    total: int
+
+
+def rampup(cfg, at, start_epoch=0):
+    """exp(−5(1−t)²) with t = epochs done at `at` (a `Position`) since `start_epoch` /
+    `cfg.rampup_epochs` (Laine & Aila 2017); 1 with `rampup_epochs` 0."""
+    if cfg.rampup_epochs <= 0:
+        return 1.0
+    return sigmoid_rampup((at.iteration / at.per_epoch - start_epoch) / cfg.rampup_epochs)
+
+
+def ema_alpha(cfg, at):
+    """`cfg.ema_alpha`, or (0) the decay sized to the run's `at.total` steps (`run_length_alpha`)."""
+    return cfg.ema_alpha or run_length_alpha(at.total)
 
 
 def ema_update(teacher, student, alpha, step):
@@ -77,6 +119,23 @@ def freeze_encoder_stages(model, count):
                          "(the encoder stages of this network)")
     for stage in stages[:count]:
         stage.requires_grad_(False)
+
+
+@torch.no_grad()
+def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True):
+    """BCP's dual teacher (Hsu & Hua 2024): per pixel the argmax of the more confident of the
+    `dynamic` (EMA) and `static` teachers (ties: the dynamic one), then, with
+    `largest_component`, each class's largest component (not in instance mode: its interior
+    class holds every structure, so this would keep one structure). images [B, C, H, W] ->
+    (pseudo int64 [B, H, W], IGNORE_INDEX off the largest components; confidence [B, H, W];
+    from_static bool [B, H, W])."""
+    conf_dynamic, label_dynamic = dynamic(images).float().softmax(1).max(1)
+    conf_static, label_static = static(images).float().softmax(1).max(1)
+    from_static = conf_static > conf_dynamic
+    labels = torch.where(from_static, label_static, label_dynamic)
+    if largest_component:
+        labels = largest_component_labels(labels)
+    return labels, torch.maximum(conf_dynamic, conf_static), from_static
 
 
 def largest_component_labels(labels):
