@@ -663,13 +663,19 @@ def report(name, text):
     print(f"{name:<58} {text}", flush=True)
 
 
-def main():
+ENTRIES = ["csv", "metrics", "pipeline", "loading", "networks", "gpu_options", "unimatch", "ddp"]
+
+
+def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
-    entries = ["csv", "metrics", "pipeline", "loading", "networks", "gpu_options", "unimatch", "ddp"]
-    parser.add_argument("--only", nargs="+", choices=entries, default=entries)
-    args = parser.parse_args()
+    parser.add_argument("--only", nargs="+", choices=ENTRIES, default=ENTRIES)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     started = time.perf_counter()
