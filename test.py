@@ -28,16 +28,19 @@ import glob
 import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from dataloaders.challenge import load_challenge, make_split, read_image_folder
+from dataloaders.challenge import ChallengeData, load_challenge, make_split, read_image_folder
 from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import CONFIG_DIR, load_config, read_yaml_chain
+from utils.config import CONFIG_DIR, Config, load_config, read_yaml_chain
 from utils.engine import colour_count, score_labels
 from utils.errors import InputError, run_cli
 from utils.files import atomic_path
@@ -328,6 +331,258 @@ def finished(labels, cfg):
     return postprocess(labels, cfg.min_component_size, cfg.single_instance_classes)
 
 
+def model_predictor(checkpoints, cfg, device, label_mode):
+    """The predict function of `checkpoints` (their ensemble when several), with `--tta` and
+    `--postprocess`: `predict(images (N,H,W), each_member=False)` returns (labels (N,H,W), each
+    member's labels (M,N,H,W) when `each_member`, else None)."""
+    members = [c.member for c in checkpoints]
+
+    def predict(images, each_member=False):
+        prediction = predict_ensemble(members, images, device, cfg.batch_size, cfg.tta,
+                                      each_member=each_member,
+                                      progress=lambda it: tqdm(it, desc="predict", leave=False),
+                                      label_mode=label_mode)
+        member_labels = ([finished(labels, cfg) for labels in prediction.member_labels]
+                         if each_member else None)
+        return finished(prediction.labels, cfg), member_labels
+    return predict
+
+
+def baseline_predict(images, each_member=False):
+    """The watershed baseline as a predict function: (structure ids (N,H,W), None: no members).
+    `--postprocess` cleans classes, so it leaves these ids alone."""
+    return watershed_baseline(np.asarray(images)), None
+
+
+@dataclass
+class Scoring:
+    """What every scoring task needs: the models (or the baseline), their data and where the
+    results go."""
+    cfg: Config                 # the resolved test config
+    device: torch.device        # where the networks predict
+    data: ChallengeData         # the data scored, in the checkpoints' label mode (the baseline: ids)
+    checkpoints: list           # the --ckpt `Checkpoint`s (an ensemble's members); [] = baseline
+    predict: Callable           # `model_predictor` of the checkpoints, or `baseline_predict`
+    out_dir: Path               # overlays, default submission: the checkpoints' (common) folder, or --data
+    submission_path: Path       # the submission file (`--out`); scores.json goes next to it
+
+    @property
+    def ensemble(self):
+        return len(self.checkpoints) > 1
+
+    @property
+    def partial_labels(self):
+        """Every checkpoint was trained on partial labels: the classes annotated on a slice are
+        the ones scored (vacuously true for the baseline, whose ids `report` scores whole)."""
+        return all(c.config["partial_labels"] for c in self.checkpoints)
+
+    def annotated(self, indices):
+        """`annotated (N,C)` of the training slices `indices` with partial labels, else None."""
+        return self.data.annotated[indices] if self.partial_labels else None
+
+    @property
+    def title_note(self):
+        """Said after a score's title when a model's class scores read annotated classes only."""
+        restricted = self.partial_labels and self.checkpoints and self.data.label_mode == "class"
+        return " (annotated classes only)" if restricted else ""
+
+
+def resolve_config(argv):
+    """The test config of `argv`, its `--ckpt` patterns (or None) and the device, with the
+    options checked."""
+    patterns, argv = checkpoint_arguments(argv)
+    cfg = load_config("test", argv, __doc__)
+    device = pick_device(cfg.gpu)
+    if cfg.tta not in TTA_MODES:
+        raise InputError(f"--tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
+    if cfg.split not in SPLITS:
+        raise InputError(f"--split: unknown '{cfg.split}' (choose {', '.join(SPLITS)})")
+    if cfg.weights not in ("", "teacher", "student"):
+        raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
+    return patterns, cfg, device
+
+
+def load_baseline(cfg, device):
+    """`--baseline watershed`: the `Scoring` of the baseline on `--data`, its results in the data
+    folder (or next to `--out`)."""
+    if cfg.baseline != "watershed":
+        raise InputError(f"--baseline: unknown '{cfg.baseline}' (the only one is watershed)")
+    if not cfg.data:
+        raise InputError("--baseline watershed needs --data (there is no checkpoint)")
+    if cfg.split == "oof":
+        raise InputError("--split oof scores fold checkpoints; the baseline has none")
+    if cfg.images:
+        raise InputError("--images: predicts with --ckpt checkpoints, not the baseline")
+    out_dir = Path(cfg.data)
+    # Scored by the Rand index only, for which class ids are structure ids too: reading the
+    # masks as ids accepts #165 and #150 folders alike.
+    data = load_challenge(cfg.data, label_mode="instance")
+    print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
+    submission_path = Path(cfg.out) if cfg.out else out_dir / "submission.csv"
+    return Scoring(cfg, device, data, [], baseline_predict, out_dir, submission_path)
+
+
+def load_models(checkpoints, cfg, device):
+    """The `Scoring` of `checkpoints` on the data they were trained on (or `--data`), their
+    results next to them (an ensemble's in the members' common folder) or next to `--out`."""
+    roots = sorted({c.facts["root"] for c in checkpoints})
+    if not cfg.data and len(roots) > 1:
+        raise InputError(f"--ckpt: the checkpoints were trained on different data folders "
+                         f"({', '.join(roots)}); pass --data")
+    facts, first = checkpoints[0].facts, checkpoints[0].path
+    data = load_challenge(cfg.data or roots[0], num_classes=facts["num_classes"],
+                          label_mode=checkpoints[0].label_mode)
+    if data.num_classes != facts["num_classes"]:
+        raise InputError(f"{first}: trained for {facts['num_classes']} classes, the data in "
+                         f"{data.root} has {data.num_classes}")
+    parents = [str(c.path.parent.absolute()) for c in checkpoints]
+    out_dir = Path(parents[0]) if len(checkpoints) == 1 else Path(os.path.commonpath(parents))
+    submission_path = Path(cfg.out) if cfg.out else out_dir / (
+        "ensemble_submission.csv" if len(checkpoints) > 1 else "submission.csv")
+    return Scoring(cfg, device, data, checkpoints,
+                   model_predictor(checkpoints, cfg, device, data.label_mode), out_dir,
+                   submission_path)
+
+
+def score_validation(scoring):
+    """`--split val|train`: score the validation (or training) slices of the checkpoints' split
+    (the baseline: the default config's split); an ensemble's members get a line each first.
+
+    When the split means nothing for these checkpoints (`mixed_validation`, `no_validation`):
+    an error if `--split` was given, else a note, and nothing is scored. Returns {split name:
+    its scores.json entry}, or {} when skipped."""
+    cfg, data, checkpoints = scoring.cfg, scoring.data, scoring.checkpoints
+    if checkpoints:
+        splits = [c.split(data) for c in checkpoints]
+    else:
+        defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]
+        splits = [make_split(data, defaults["labeled_ratio"], defaults["num_labeled"],
+                             defaults["split_seed"])]
+    skipped = mixed_validation(checkpoints, splits, cfg.split) or no_validation(
+        checkpoints, splits, cfg.split)
+    if skipped and "split" in cfg._overrides:
+        raise InputError(skipped)
+    if skipped:
+        print(f"note: {skipped}. Validation is skipped; the test images follow.")
+        return {}
+    indices = splits[0].val if cfg.split == "val" else splits[0].train
+    truth = np.asarray(data.train_masks[indices])
+    annotated = scoring.annotated(indices)
+    predictions, member_labels = scoring.predict(data.train_images[indices], scoring.ensemble)
+    if scoring.ensemble:
+        report_members(checkpoints, member_labels, truth, data, annotated)
+    title = f"{'ensemble, ' if scoring.ensemble else ''}{cfg.split} ({len(indices)} slices)"
+    return {cfg.split: split_entry(*report(title + scoring.title_note, truth, predictions, data,
+                                           annotated), data, len(indices))}
+
+
+def score_out_of_fold(scoring):
+    """`--split oof`: every labeled slice predicted by the fold checkpoint that validated it (a
+    line per fold), then scored together. Returns {"oof": its scores.json entry}."""
+    checkpoints, data = scoring.checkpoints, scoring.data
+    check_folds_partition(checkpoints)
+    labeled = data.labeled_indices
+    truth = np.asarray(data.train_masks[labeled])
+    annotated = scoring.annotated(labeled)
+    predictions = np.empty_like(truth)
+    for checkpoint in sorted(checkpoints, key=lambda c: c.fold):
+        fold = checkpoint.split(data).val
+        rows = np.searchsorted(labeled, fold)
+        predict = model_predictor([checkpoint], scoring.cfg, scoring.device, data.label_mode)
+        predictions[rows] = predict(data.train_images[fold])[0]
+        scores = score_labels(truth[rows], predictions[rows], data,
+                              None if annotated is None else annotated[rows])
+        print(f"  fold {checkpoint.fold} ({len(fold)} slices, {checkpoint.path}): "
+              f"{summary_line(scores)}")
+    title = f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds)"
+    return {"oof": split_entry(*report(title + scoring.title_note, truth, predictions, data,
+                                       annotated), data, len(labeled))}
+
+
+def check_test_split(scoring):
+    """`--split test`: only the test images are scored (`predict_test_images`), so the data must
+    have them and their labels. Returns {}: no training slices scored."""
+    data = scoring.data
+    if data.test_images is None:
+        raise InputError(f"{data.root}: --split test, but there are no test images "
+                         "(test-images/ or test-images.zip)")
+    if data.test_masks is None:
+        raise InputError(f"{data.root}: --split test needs test labels (y_test.csv)")
+    return {}
+
+
+def write_submission(scoring, predictions):
+    """Write the test `predictions (N,H,W)` as the submission and read it back to check it.
+    Returns its summary part."""
+    data, path = scoring.data, scoring.submission_path
+    write_label_csv(path, predictions, data.test_names)
+    masks, names, _ = read_label_csv(path)
+    if names != list(data.test_names) or not np.array_equal(masks, predictions):
+        raise InputError(f"{path}: the submission read back differs from what was written")
+    return f"submission {path} ({masks.shape[1] * masks.shape[2]} pixel rows x {len(names)} images)"
+
+
+def score_test(scoring, predictions, member_labels):
+    """Print the scores of the test `predictions` against the test labels (an ensemble's
+    `member_labels` get a line each first). Returns (the scores.json entry, for an ensemble the
+    summary part comparing it with its best member, else None)."""
+    data = scoring.data
+    best = (report_members(scoring.checkpoints, member_labels, data.test_masks, data)
+            if scoring.ensemble else None)
+    scores, areas = report(f"{'ensemble, ' if scoring.ensemble else ''}test "
+                           f"({len(data.test_names)} slices, full labels)",
+                           data.test_masks, predictions, data)
+    entry = split_entry(scores, areas, data, len(data.test_names))
+    if best is None:
+        return entry, None
+    metric = main_score(data)
+    return entry, (f"test {METRIC_NAMES[metric]}: ensemble {scores[metric]:.4f}, "
+                   f"best member {best[0]:.4f} ({best[1].path})")
+
+
+def save_test_overlays(scoring, predictions):
+    """Save `--save_png` overlays of the first test `predictions` (with their truth when the
+    data has test labels) in `<out_dir>/predictions_png/`. Returns its summary part."""
+    data = scoring.data
+    count = min(scoring.cfg.save_png, len(data.test_names))
+    png_dir = scoring.out_dir / "predictions_png"
+    truths = data.test_masks[:count] if data.test_masks is not None else None
+    save_overlays(png_dir, data.test_names[:count], data.test_images[:count], predictions[:count],
+                  colour_count(data, predictions[:count], truths), truths)
+    return f"{count} overlays in {png_dir}/"
+
+
+def predict_test_images(scoring):
+    """The test images, when the data folder has them: predicted, written as the submission
+    (checkpoints only), scored when it has test labels, and drawn (`--save_png`, checkpoints
+    only). Returns ({"test": its scores.json entry} when scored, else {}; the summary parts)."""
+    data = scoring.data
+    if data.test_images is None:
+        return {}, [f"no test images in {data.root}, so no submission"]
+    labeled = data.test_masks is not None
+    predictions, member_labels = scoring.predict(data.test_images, scoring.ensemble and labeled)
+    results, summary = {}, []
+    if scoring.checkpoints:
+        summary.append(write_submission(scoring, predictions))
+    if labeled:
+        results["test"], comparison = score_test(scoring, predictions, member_labels)
+        if comparison:
+            summary.append(comparison)
+    if scoring.cfg.save_png and scoring.checkpoints:
+        summary.append(save_test_overlays(scoring, predictions))
+    return results, summary
+
+
+def finish(scoring, results, summary):
+    """Write scores.json (`results`: split name -> its entry) next to the submission and print
+    the "Done: …" line of the `summary` parts."""
+    if not scoring.checkpoints:
+        summary = summary + ["the watershed baseline writes no submission"]
+    summary = summary + [write_scores(scoring.submission_path.parent / "scores.json",
+                                      scoring.checkpoints, scoring.cfg, scoring.data, results)]
+    print("Done: " + "; ".join(summary) + ". Next: edit a train_*.py script or its config and rerun.")
+
+
 def predict_images(checkpoints, cfg, device):
     """`--images DIR`: predict every PNG of a folder of new slices (any size each, no labels or
     training files) with the checkpoints' preprocessing, `--tta` and `--postprocess`; write one
@@ -340,16 +595,14 @@ def predict_images(checkpoints, cfg, device):
     out_dir = (Path(cfg.out_dir) if cfg.out_dir
                else checkpoints[0].path.parent / "predictions" / folder.name)
     label_mode = checkpoints[0].label_mode
+    predict = model_predictor(checkpoints, cfg, device, label_mode)
     by_size = {}  # one batch stack per image size
     for position, (_, image) in enumerate(images):
         by_size.setdefault(image.shape, []).append(position)
     labels = [None] * len(images)
     for positions in by_size.values():
         stack = np.stack([images[position][1] for position in positions])
-        prediction = predict_ensemble([c.member for c in checkpoints], stack, device,
-                                      cfg.batch_size, cfg.tta, label_mode=label_mode,
-                                      progress=lambda it: tqdm(it, desc="predict", leave=False))
-        for position, label in zip(positions, finished(prediction.labels, cfg)):
+        for position, label in zip(positions, predict(stack)[0]):
             labels[position] = label
     for name, label in zip(names, labels):
         with atomic_path(out_dir / name) as temporary:
@@ -374,155 +627,18 @@ def predict_images(checkpoints, cfg, device):
 
 
 def main(argv=None):
-    patterns, argv = checkpoint_arguments(argv)
-    cfg = load_config("test", argv, __doc__)
-    device = pick_device(cfg.gpu)
-    if cfg.tta not in TTA_MODES:
-        raise InputError(f"--tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
-    if cfg.split not in SPLITS:
-        raise InputError(f"--split: unknown '{cfg.split}' (choose {', '.join(SPLITS)})")
-    if cfg.weights not in ("", "teacher", "student"):
-        raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
-
-    # ==== models and data, all from the checkpoints ====
-    checkpoints = []
+    patterns, cfg, device = resolve_config(argv)
     if cfg.baseline:
-        if cfg.baseline != "watershed":
-            raise InputError(f"--baseline: unknown '{cfg.baseline}' (the only one is watershed)")
-        if not cfg.data:
-            raise InputError("--baseline watershed needs --data (there is no checkpoint)")
-        if cfg.split == "oof":
-            raise InputError("--split oof scores fold checkpoints; the baseline has none")
-        if cfg.images:
-            raise InputError("--images: predicts with --ckpt checkpoints, not the baseline")
-        out_dir = Path(cfg.data)
-        # Scored by the Rand index only, for which class ids are structure ids too: reading the
-        # masks as ids accepts #165 and #150 folders alike.
-        data = load_challenge(cfg.data, label_mode="instance")
-        print("Scoring the watershed baseline (Sobel + median + markers + watershed).")
+        scoring = load_baseline(cfg, device)
     else:
         checkpoints = load_members(patterns or [cfg.ckpt], cfg)
         if cfg.images:
             return predict_images(checkpoints, cfg, device)
-        roots = sorted({c.facts["root"] for c in checkpoints})
-        if not cfg.data and len(roots) > 1:
-            raise InputError(f"--ckpt: the checkpoints were trained on different data folders "
-                             f"({', '.join(roots)}); pass --data")
-        facts, first = checkpoints[0].facts, checkpoints[0].path
-        data = load_challenge(cfg.data or roots[0], num_classes=facts["num_classes"],
-                              label_mode=checkpoints[0].label_mode)
-        if data.num_classes != facts["num_classes"]:
-            raise InputError(f"{first}: trained for {facts['num_classes']} classes, the data in "
-                             f"{data.root} has {data.num_classes}")
-        parents = [str(c.path.parent.absolute()) for c in checkpoints]
-        out_dir = Path(parents[0]) if len(checkpoints) == 1 else Path(os.path.commonpath(parents))
-
-    def finish(labels):
-        return finished(labels, cfg)
-
-    def predict(members, images, each_member=False):
-        """(labels (N,H,W), each member's labels or None) of `members` on `images`."""
-        if not members:
-            return watershed_baseline(np.asarray(images)), None
-        prediction = predict_ensemble(members, images, device, cfg.batch_size, cfg.tta,
-                                      each_member=each_member,
-                                      progress=lambda it: tqdm(it, desc="predict", leave=False),
-                                      label_mode=data.label_mode)
-        member_labels = ([finish(labels) for labels in prediction.member_labels]
-                         if each_member else None)
-        return finish(prediction.labels), member_labels
-
-    members = [c.member for c in checkpoints]
-    ensemble = len(members) > 1
-    partial_labels = all(c.config["partial_labels"] for c in checkpoints)
-    restricted = partial_labels and members and data.label_mode == "class"  # ids: see report
-    model_note = " (annotated classes only)" if restricted else ""
-
-    # ==== score the chosen split ====
-    results = {}  # split name -> its scores.json entry
-    if cfg.split == "test":
-        if data.test_images is None:
-            raise InputError(f"{data.root}: --split test, but there are no test images "
-                             "(test-images/ or test-images.zip)")
-        if data.test_masks is None:
-            raise InputError(f"{data.root}: --split test needs test labels (y_test.csv)")
-    elif cfg.split == "oof":
-        check_folds_partition(checkpoints)
-        labeled = data.labeled_indices
-        truth = np.asarray(data.train_masks[labeled])
-        annotated = data.annotated[labeled] if partial_labels else None
-        predictions = np.empty_like(truth)
-        for checkpoint in sorted(checkpoints, key=lambda c: c.fold):
-            fold = checkpoint.split(data).val
-            rows = np.searchsorted(labeled, fold)
-            predictions[rows] = predict([checkpoint.member], data.train_images[fold])[0]
-            scores = score_labels(truth[rows], predictions[rows], data,
-                                  None if annotated is None else annotated[rows])
-            print(f"  fold {checkpoint.fold} ({len(fold)} slices, {checkpoint.path}): "
-                  f"{summary_line(scores)}")
-        results["oof"] = split_entry(*report(
-            f"out-of-fold ({len(labeled)} labeled slices, {len(checkpoints)} folds){model_note}",
-            truth, predictions, data, annotated), data, len(labeled))
-    else:
-        defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]  # the baseline's split
-        splits = [c.split(data) for c in checkpoints] or [make_split(
-            data, defaults["labeled_ratio"], defaults["num_labeled"], defaults["split_seed"])]
-        skipped = mixed_validation(checkpoints, splits, cfg.split) or no_validation(
-            checkpoints, splits, cfg.split)
-        if skipped and "split" in cfg._overrides:
-            raise InputError(skipped)
-        if skipped:
-            print(f"note: {skipped}. Validation is skipped; the test images follow.")
-        else:
-            indices = splits[0].val if cfg.split == "val" else splits[0].train
-            truth = np.asarray(data.train_masks[indices])
-            annotated = data.annotated[indices] if partial_labels else None
-            predictions, member_labels = predict(members, data.train_images[indices], ensemble)
-            if ensemble:
-                report_members(checkpoints, member_labels, truth, data, annotated)
-            title = f"{'ensemble, ' if ensemble else ''}{cfg.split} ({len(indices)} slices)"
-            results[cfg.split] = split_entry(*report(title + model_note, truth, predictions,
-                                                     data, annotated), data, len(indices))
-
-    # ==== test images: submission, and scores when labels exist ====
-    summary = []
-    out = Path(cfg.out) if cfg.out else out_dir / ("ensemble_submission.csv" if ensemble
-                                                    else "submission.csv")
-    if data.test_images is not None:
-        scored = ensemble and data.test_masks is not None
-        test_predictions, member_labels = predict(members, data.test_images, scored)
-        if members:
-            write_label_csv(out, test_predictions, data.test_names)
-            masks, names, _ = read_label_csv(out)
-            if names != list(data.test_names) or not np.array_equal(masks, test_predictions):
-                raise InputError(f"{out}: the submission read back differs from what was written")
-            summary.append(f"submission {out} ({masks.shape[1] * masks.shape[2]} pixel rows x "
-                           f"{len(names)} images)")
-        if data.test_masks is not None:
-            best = (report_members(checkpoints, member_labels, data.test_masks, data)
-                    if scored else None)
-            scores, areas = report(f"{'ensemble, ' if ensemble else ''}test "
-                                   f"({len(data.test_names)} slices, full labels)",
-                                   data.test_masks, test_predictions, data)
-            results["test"] = split_entry(scores, areas, data, len(data.test_names))
-            if best is not None:
-                metric = main_score(data)
-                summary.append(f"test {METRIC_NAMES[metric]}: ensemble {scores[metric]:.4f}, "
-                               f"best member {best[0]:.4f} ({best[1].path})")
-        if cfg.save_png and members:
-            count = min(cfg.save_png, len(data.test_names))
-            png_dir = out_dir / "predictions_png"
-            truths = data.test_masks[:count] if data.test_masks is not None else None
-            save_overlays(png_dir, data.test_names[:count], data.test_images[:count],
-                          test_predictions[:count],
-                          colour_count(data, test_predictions[:count], truths), truths)
-            summary.append(f"{count} overlays in {png_dir}/")
-    else:
-        summary.append(f"no test images in {data.root}, so no submission")
-    if not members:
-        summary.append("the watershed baseline writes no submission")
-    summary.append(write_scores(out.parent / "scores.json", checkpoints, cfg, data, results))
-    print("Done: " + "; ".join(summary) + ". Next: edit a train_*.py script or its config and rerun.")
+        scoring = load_models(checkpoints, cfg, device)
+    score_split = {"oof": score_out_of_fold, "test": check_test_split}.get(cfg.split, score_validation)
+    results = score_split(scoring)
+    test_results, summary = predict_test_images(scoring)
+    finish(scoring, {**results, **test_results}, summary)
 
 
 if __name__ == "__main__":
