@@ -5,10 +5,12 @@
     python train_supervised.py --resume runs/latest/last.pth     # continue an interrupted run
     torchrun --nproc_per_node 4 train_supervised.py             # 4 GPUs (README: Several GPUs)
 
-Naming: `img_x`/`mask_x` are a labeled batch and its masks. Loss `dice` by default (the AttUNet
-baseline); `tvmf_dice` sharpens per class as validation Dice grows (κ updated after each
-evaluation); with `partial_labels: true` the marginal variants treat 0-pixels as "background or
-an organ not annotated on this image" (utils/losses.py).
+Naming: `img_x`/`mask_x` are a labeled batch and its masks. Loss `dice_ce` by default: with the
+soft Dice alone a class whose probability collapses early never comes back (its gradient through
+the softmax vanishes), and on real CT whole organs went unpredicted (docs/experiments.md, Real CT);
+`tvmf_dice` sharpens per class as validation Dice grows (κ updated after each evaluation); with
+`partial_labels: true` the marginal variants treat 0-pixels as "background or an organ not
+annotated on this image" (utils/losses.py).
 """
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import forward_with_edges

@@ -10,7 +10,7 @@ def test_defaults_come_from_the_yaml_chain():
     cfg = load_config("unimatch", [])
     assert cfg.conf_thresh == 0.95          # unimatch.yaml
     assert cfg.lr == 0.001                  # default.yaml through `base:`
-    assert cfg.loss == "dice_ce"            # unimatch.yaml overrides default.yaml's dice
+    assert cfg.stream_loss == "dice"        # unimatch.yaml
 
 
 def test_precedence_yaml_config_flag_set(tmp_path):

@@ -487,7 +487,7 @@ def test_composite_is_the_sum_of_its_parts():
 
 
 def test_build_loss_defaults_and_errors():
-    # missing keys take configs/default.yaml's values: loss dice, partial_labels true (marginal)
+    # missing keys take configs/default.yaml's values: loss dice_ce, partial_labels true (marginal)
     defaults = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
     loss = build_loss(SimpleNamespace())
     opts = loss.options
