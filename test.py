@@ -40,18 +40,17 @@ from tqdm import tqdm
 from dataloaders.challenge import ChallengeData, load_challenge, make_split, read_image_folder
 from dataloaders.label_csv import read_label_csv, write_label_csv
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import CONFIG_DIR, Config, load_config, read_yaml_chain
+from utils.config import Config, load_config, script_defaults
 from utils.engine import colour_count, score_labels
 from utils.errors import InputError, run_cli
 from utils.files import atomic_path
-from utils.inference import TTA_MODES, Member, predict_ensemble
+from utils.inference import Member, predict_ensemble
 from utils.metrics import (area_summary, class_area_report, dice_table, format_area_report,
                            format_dice_table)
 from utils.plots import save_overlays
 from utils.postprocess import postprocess, watershed_baseline
-from utils.runtime import pick_device
+from utils.runtime import check_config, pick_device
 
-SPLITS = ("val", "train", "test", "oof")
 METRIC_NAMES = {"dice": "Dice", "rand": "Rand index"}
 
 
@@ -388,31 +387,19 @@ class Scoring:
 
 
 def resolve_config(argv):
-    """The test config of `argv`, its `--ckpt` patterns (or None) and the device, with the
-    options checked."""
+    """The `--ckpt` patterns of `argv` (or None), its test config — checked (utils.runtime's
+    `check_config`: the choices, and `--baseline` without what needs a model) and frozen — and
+    the device."""
     patterns, argv = checkpoint_arguments(argv)
     cfg = load_config("test", argv, __doc__)
     device = pick_device(cfg.gpu)
-    if cfg.tta not in TTA_MODES:
-        raise InputError(f"--tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
-    if cfg.split not in SPLITS:
-        raise InputError(f"--split: unknown '{cfg.split}' (choose {', '.join(SPLITS)})")
-    if cfg.weights not in ("", "teacher", "student"):
-        raise InputError(f"--weights: unknown '{cfg.weights}' (choose teacher or student)")
-    return patterns, cfg, device
+    check_config(cfg, "test")
+    return patterns, cfg.freeze(), device
 
 
 def load_baseline(cfg, device):
     """`--baseline watershed`: the `Scoring` of the baseline on `--data`, its results in the data
     folder (or next to `--out`)."""
-    if cfg.baseline != "watershed":
-        raise InputError(f"--baseline: unknown '{cfg.baseline}' (the only one is watershed)")
-    if not cfg.data:
-        raise InputError("--baseline watershed needs --data (there is no checkpoint)")
-    if cfg.split == "oof":
-        raise InputError("--split oof scores fold checkpoints; the baseline has none")
-    if cfg.images:
-        raise InputError("--images: predicts with --ckpt checkpoints, not the baseline")
     out_dir = Path(cfg.data)
     # Scored by the Rand index only, for which class ids are structure ids too: reading the
     # masks as ids accepts #165 and #150 folders alike.
@@ -455,9 +442,8 @@ def score_validation(scoring):
     if checkpoints:
         splits = [c.split(data) for c in checkpoints]
     else:
-        defaults = read_yaml_chain(CONFIG_DIR / "default.yaml")[0]
-        splits = [make_split(data, defaults["labeled_ratio"], defaults["num_labeled"],
-                             defaults["split_seed"])]
+        defaults = script_defaults("default")  # the training scripts' default split
+        splits = [make_split(data, defaults.labeled_ratio, defaults.num_labeled, defaults.split_seed)]
     skipped = mixed_validation(checkpoints, splits, cfg.split) or no_validation(
         checkpoints, splits, cfg.split)
     if skipped and "split" in cfg._overrides:

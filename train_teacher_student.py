@@ -56,11 +56,11 @@ from utils.builders import (build_network, epoch_loader, iterations_per_epoch, l
                             load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import CONFIG_DIR, Config, read_yaml_chain
+from utils.config import Config, script_defaults
 from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
-from utils.inference import TTA_MODES, predict_slices
+from utils.inference import predict_slices
 from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consistency
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
@@ -69,12 +69,9 @@ from utils.priors import confident_pseudo_labels, drop_oversized_pseudo_labels
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 from utils.teachers import (OwnStatistics, Position, Renormalized, TeacherStudentParts,
                             dual_teacher_pseudo_labels, ema_alpha, ema_update, freeze_encoder_stages,
-                            rampup)
+                            pretrain_epoch_count, rampup)
 
-MODES = ("pseudo_label", "mean_teacher", "bcp")
 LABELED_KEYS = ("image", "mask", "annotated", "certain_background")
-SCHEDULES = ("joint", "pretrain_finetune")
-CONSISTENCIES = ("mse", "hard")
 
 
 # ==== the ground-truth losses of a step ====
@@ -267,10 +264,9 @@ def prepare_teacher(cfg, device):
     Returns (teacher in eval mode, checkpoint path, weights name, the checkpoint's data facts)."""
     path = Path(cfg.teacher_ckpt or Path(cfg.out_dir) / "teacher" / "best.pth")
     if not cfg.teacher_ckpt and not (cfg.resume and path.is_file()):
-        supervised_keys = read_yaml_chain(CONFIG_DIR / "supervised.yaml")[0]
-        teacher_cfg = Config({key: cfg[key] for key in supervised_keys})
-        teacher_cfg.update(epochs=cfg.teacher_epochs or cfg.epochs, out_dir=str(path.parent),
-                           resume="")
+        teacher_cfg = Config({key: cfg[key] for key in script_defaults("supervised")},
+                             epochs=cfg.teacher_epochs or cfg.epochs, out_dir=str(path.parent),
+                             resume="").freeze()
         print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
         train_supervised.train(teacher_cfg)
     state = load_checkpoint(path, map_location=device)
@@ -351,48 +347,6 @@ def continue_teacher_optimizer(optimizer, path, weights):
               for group, old in zip(current["param_groups"], saved["param_groups"])]
     optimizer.load_state_dict({"state": saved["state"], "param_groups": groups})
     return True
-
-
-# ==== options ====
-def pretrain_epoch_count(cfg):
-    """Epochs of the first phase (BCP's labeled copy-paste, or the pseudo-labels of
-    `pretrain_finetune`): `pretrain_share` of the run's epochs, rounded."""
-    return round(cfg.pretrain_share * cfg.epochs)
-
-
-def check_options(cfg):
-    if cfg.mode not in MODES:
-        raise InputError(f"mode: unknown '{cfg.mode}' (choose {', '.join(MODES)})")
-    if cfg.schedule not in SCHEDULES:
-        raise InputError(f"schedule: unknown '{cfg.schedule}' (choose {', '.join(SCHEDULES)})")
-    if cfg.consistency not in CONSISTENCIES:
-        raise InputError(f"consistency: unknown '{cfg.consistency}' (choose {', '.join(CONSISTENCIES)})")
-    if cfg.tta not in TTA_MODES:
-        raise InputError(f"tta: unknown '{cfg.tta}' (choose {', '.join(TTA_MODES)})")
-    two_phases = cfg.mode == "bcp" or (cfg.mode == "pseudo_label"
-                                       and cfg.schedule == "pretrain_finetune")
-    if not 0 <= cfg.pretrain_share < 1:
-        raise InputError(f"pretrain_share: {cfg.pretrain_share} is not a share in [0, 1)")
-    if two_phases and pretrain_epoch_count(cfg) >= cfg.epochs:
-        raise InputError(f"pretrain_share: {cfg.pretrain_share} of {cfg.epochs} epochs leaves no "
-                         "epoch for the second phase")
-    if not 0 < cfg.pseudo_share <= 1:
-        raise InputError(f"pseudo_share: {cfg.pseudo_share} is not a share in (0, 1]")
-    if cfg.n_pseudo < 0:
-        raise InputError(f"n_pseudo: {cfg.n_pseudo} is negative")
-    if not 0 <= cfg.ema_alpha < 1:
-        raise InputError(f"ema_alpha: {cfg.ema_alpha} is not a decay in [0, 1) (0 = sized to the run)")
-    if cfg.mode == "bcp":
-        if cfg.batch_size_unlabeled not in (0, cfg.batch_size):
-            raise InputError(f"batch_size_unlabeled: BCP pairs each unlabeled slice with a labeled "
-                             f"one, so it must be 0 or batch_size ({cfg.batch_size}), not "
-                             f"{cfg.batch_size_unlabeled}")
-        if len(cfg.mask_ratio_schedule) != 2 or not all(0 < r < 1 for r in cfg.mask_ratio_schedule):
-            raise InputError(f"mask_ratio_schedule: {cfg.mask_ratio_schedule} is not [start, end] "
-                             "with both between 0 and 1")
-        if cfg.static_every < 1:
-            raise InputError(f"static_every: {cfg.static_every} is not a positive iteration count")
-
 
 
 # ==== the run's sets and parts ====
@@ -487,12 +441,12 @@ def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_fr
 
 
 def main(argv=None):
-    cfg = setup("teacher_student", argv, __doc__)
-    check_options(cfg)
+    # checked and frozen; `out_dir` fixed now: the teacher and the pseudo-labels go in it
+    cfg = setup("teacher_student", argv, __doc__,
+                derive=lambda cfg: {"out_dir": str(run_directory(cfg, cfg.mode))})
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
     labeled_set, unlabeled_set, batch_size_u = semi_supervised_sets(cfg, data, split, norm)
-    cfg.out_dir = str(run_directory(cfg, cfg.mode))  # fixed now: the teacher and pseudo-labels go in it
     area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
     sets = training_sets(cfg, data, norm, device, labeled_set, unlabeled_set, batch_size_u, pseudo_area_bounds)

@@ -19,7 +19,7 @@ import torch
 
 from dataloaders.datasets import strong_views
 from networks import forward_with_feature_perturbation
-from utils.errors import InputError, run_cli
+from utils.errors import run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
 from utils.priors import drop_oversized_pseudo_labels
@@ -29,8 +29,6 @@ from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
-
-MIX_SOURCES = ("loader", "batch")
 
 
 def batch_partners(tensor):
@@ -104,13 +102,7 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
 
 def main(argv=None):
     # ==== config, device, data ====
-    cfg = setup("unimatch", argv, __doc__)
-    if cfg.edge_guided:
-        raise InputError("edge_guided: not supported by train_unimatch.py (its feature-perturbed "
-                         "stream decodes plain features); use train_supervised.py or "
-                         "train_teacher_student.py")
-    if cfg.mix_source not in MIX_SOURCES:
-        raise InputError(f"mix_source: unknown '{cfg.mix_source}' (choose {' or '.join(MIX_SOURCES)})")
+    cfg = setup("unimatch", argv, __doc__)  # checked (edge_guided refused) and frozen
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)

@@ -257,6 +257,16 @@ def _instance_annotated(masks):
     return annotated
 
 
+def data_classes(root, num_classes=55, label_mode="class"):
+    """(class names, number of classes) of data folder `root`, as `load_challenge` reads them
+    (without the images): in instance mode the 3 targets (`INSTANCE_TARGET_CLASSES`); in class
+    mode the ids of its `classes.yaml` (the largest + 1 classes), or none and `num_classes`."""
+    if label_mode == "instance":
+        return dict(INSTANCE_TARGET_CLASSES), len(INSTANCE_TARGET_CLASSES)
+    class_names = _read_classes(Path(root))
+    return class_names, (max(class_names) + 1 if class_names else num_classes)
+
+
 def load_challenge(root, num_classes=55, label_mode="class"):
     """Load a challenge (or phantom) data folder; see `ChallengeData`. Errors name the file.
 
@@ -281,12 +291,8 @@ def load_challenge(root, num_classes=55, label_mode="class"):
         by_column = np.argsort(columns)
         train_images = train_images[by_column]
         image_names = [image_names[i] for i in by_column]
-    if label_mode == "instance":
-        class_names, num_classes = dict(INSTANCE_TARGET_CLASSES), len(INSTANCE_TARGET_CLASSES)
-    else:
-        class_names = _read_classes(root)
-        if class_names:
-            num_classes = max(class_names) + 1
+    class_names, num_classes = data_classes(root, num_classes, label_mode)
+    if label_mode == "class":
         _check_class_labels(label_path, masks, num_classes, class_names)
 
     test_images, test_names = load_images(root, "test")

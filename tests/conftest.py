@@ -1,6 +1,6 @@
 """Shared fixtures and test doubles: a tiny phantom generated once per session, a temporary
-working folder for training runs, a challenge-format writer, a per-pixel classifier and a
-recording loss."""
+working folder for training runs, the default training config, a challenge-format writer, a
+per-pixel classifier and a recording loss."""
 import csv
 import os
 import sys
@@ -35,6 +35,18 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.symlink(ROOT / "configs", tmp_path / "configs")
     return tmp_path
+
+
+def training_config(**overrides):
+    """The whole default training config (configs/default.yaml) with `overrides`, frozen: what a
+    script hands the loss and prior builders, every key there (a missing key is a bug, never a
+    default). An override of a key the config lacks is an error."""
+    from utils.config import script_defaults
+    cfg = script_defaults("default")
+    unknown = sorted(set(overrides) - set(cfg))
+    assert not unknown, f"not training config keys: {unknown}"
+    cfg.update(overrides)
+    return cfg.freeze()
 
 
 def write_challenge_folder(root, images, masks, label_name="y_train.csv", names=None):

@@ -1,9 +1,14 @@
-"""Config: YAML < method YAML < --config < flags < --set; unknown keys and wrong types fail."""
+"""Config: YAML < method YAML < --config < flags < --set; unknown keys and wrong types fail; a
+resolved config is checked once (utils.runtime.check_config), completed and frozen."""
+import copy
+import pickle
+
 import pytest
 import yaml
 
-from utils.config import config_to_yaml, load_config
+from utils.config import Config, config_to_yaml, load_config, script_defaults
 from utils.errors import InputError
+from utils.runtime import check_config
 
 
 def test_defaults_come_from_the_yaml_chain():
@@ -90,7 +95,7 @@ def test_resolved_config_round_trips_through_yaml():
 
 
 def test_every_network_option_is_settable_and_checked_against_the_network():
-    from utils.builders import check_network_options
+    from utils.runtime import check_network_options
     cfg = load_config("supervised", ["--set", "model_kwargs.segformer.dropout=0"])
     assert cfg.model_kwargs["segformer"] == {"drop_path_rate": 0.1, "dropout": 0}
     check_network_options(cfg.model_kwargs)
@@ -130,3 +135,103 @@ def test_help_prints_the_docstring_commands_line_by_line(script, capsys):
     import re
     assert not re.search(r"\S {3,}--", text.split("options:")[0])
     assert module.__doc__.splitlines()[0] in text
+
+
+# ==== checked once, then frozen ====
+MODEL_NAMES = "attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5"
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("supervised", ["--label_mode", "ids"], "label_mode: unknown 'ids' (choose class or instance)"),
+    ("supervised", ["--model", "unet"], f"model: unknown model 'unet'; valid models: {MODEL_NAMES}"),
+    ("supervised", ["--loss", "focal"], "loss: unknown loss 'focal' (choose from dice, tvmf_dice, ce, "
+                                        "dice_ce, marginal_ce, marginal_dice, marginal_dice_ce)"),
+    ("unimatch", ["--stream_loss", "tvmf_dice"],
+     "loss: unknown stream loss 'tvmf_dice' (choose from dice, ce, dice_ce)"),
+    ("teacher_student", ["--stream_loss", "focal"],
+     "loss: unknown stream loss 'focal' (choose from dice, ce, dice_ce)"),
+    ("supervised", ["--scheduler", "cosine"], "scheduler: unknown 'cosine' (choose plateau or poly)"),
+    ("unimatch", ["--amp_dtype", "half"], "amp_dtype: unknown 'half' (choose float16 or bfloat16)"),
+    ("supervised", ["--select_metric", "iou"], "select_metric: unknown 'iou' (choose dice or rand)"),
+    ("unimatch", ["--mix_source", "both"], "mix_source: unknown 'both' (choose loader or batch)"),
+    ("teacher_student", ["--mode", "co_training"],
+     "mode: unknown 'co_training' (choose pseudo_label, mean_teacher, bcp)"),
+    ("teacher_student", ["--schedule", "staged"], "schedule: unknown 'staged' (choose joint, pretrain_finetune)"),
+    ("teacher_student", ["--consistency", "kl"], "consistency: unknown 'kl' (choose mse, hard)"),
+    ("teacher_student", ["--tta", "spin"], "tta: unknown 'spin' (choose none, shift, flip, shift_flip)"),
+    ("test", ["--tta", "spin"], "--tta: unknown 'spin' (choose none, shift, flip, shift_flip)"),
+    ("test", ["--split", "all"], "--split: unknown 'all' (choose val, train, test, oof)"),
+    ("test", ["--weights", "ema"], "--weights: unknown 'ema' (choose teacher or student)"),
+    ("test", ["--baseline", "otsu"], "--baseline: unknown 'otsu' (the only one is watershed)"),
+    # the combinations refused
+    ("unimatch", ["--edge_guided"], "edge_guided: not supported by train_unimatch.py (its feature-perturbed "
+                                    "stream decodes plain features); use train_supervised.py or "
+                                    "train_teacher_student.py"),
+    ("supervised", ["--labeled_ratio", "1"], "scheduler: plateau follows the validation score, and "
+                                             "labeled_ratio 1 leaves no validation split; add --scheduler poly"),
+    ("supervised", ["--label_mode", "instance", "--area_weight", "0.1"],
+     "area_weight, pseudo_area_filter: class area bounds mean nothing for per-image structure ids "
+     "(instance mode)"),
+    ("supervised", ["--set", "model_kwargs.attunet.depth=3"],
+     "model_kwargs.attunet: unknown option(s) depth (options: base, dropout)"),
+    ("teacher_student", ["--mode", "bcp", "--static_every", "0"],
+     "static_every: 0 is not a positive iteration count"),
+    ("test", ["--baseline", "watershed"], "--baseline watershed needs --data (there is no checkpoint)"),
+    ("test", ["--baseline", "watershed", "--data", "d", "--split", "oof"],
+     "--split oof scores fold checkpoints; the baseline has none"),
+    ("test", ["--baseline", "watershed", "--data", "d", "--images", "new"],
+     "--images: predicts with --ckpt checkpoints, not the baseline"),
+])
+def test_every_check_of_a_config_is_in_one_place_with_its_one_line_error(script, flags, message):
+    cfg = load_config(script, flags)
+    with pytest.raises(InputError) as error:
+        check_config(cfg, script)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("script", ["supervised", "unimatch", "teacher_student", "test"])
+def test_the_default_configs_pass_the_checks(script):
+    check_config(load_config(script, []), script)
+
+
+def test_setup_derives_before_it_freezes(tiny_phantom, capsys):
+    from utils.runtime import setup
+    # num_classes is the data's (its classes.yaml), whatever the flag said, as load_data used to set
+    cfg = setup("supervised", ["--data", str(tiny_phantom), "--gpu", "-1", "--num_classes", "40"], None)
+    assert cfg.num_classes == 15
+    derived = setup("teacher_student", ["--data", str(tiny_phantom), "--gpu", "-1"], None,
+                    derive=lambda c: {"out_dir": f"runs/{c.mode}-now"})
+    assert derived.out_dir == "runs/mean_teacher-now"
+    assert "out_dir: runs/mean_teacher-now" in capsys.readouterr().out  # printed as frozen
+    with pytest.raises(AttributeError, match="config is frozen: 'num_classes'"):
+        cfg.num_classes = 55
+    with pytest.raises(TypeError, match="config is frozen: 'data'"):
+        cfg["data"] = "elsewhere"
+    for change in (lambda: cfg.update(lr=1.0), lambda: cfg.setdefault("new", 1), lambda: cfg.pop("lr"),
+                   lambda: cfg.clear(), lambda: cfg.popitem(), lambda: cfg.__delitem__("lr")):
+        with pytest.raises(TypeError, match="config is frozen"):
+            change()
+    with pytest.raises(AttributeError, match="config is frozen"):
+        del cfg.lr
+    assert cfg.num_classes == 15 and cfg.lr == 0.002 and "new" not in cfg  # unchanged (lr: the phantom preset's)
+
+
+def test_copies_of_a_frozen_config():
+    cfg = Config({"lr": 0.1, "model_kwargs": {"attunet": {"base": 4}}}).freeze()
+    for twin in (copy.copy(cfg), copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert isinstance(twin, Config) and twin == cfg
+        with pytest.raises(AttributeError, match="frozen"):
+            twin.lr = 0.2
+    unfrozen = Config({**cfg, "lr": 0.2})  # a new config built from a frozen one
+    unfrozen.seed = 1
+    assert (unfrozen.lr, unfrozen.seed, cfg.lr) == (0.2, 1, 0.1)
+    assert copy.deepcopy(cfg)["model_kwargs"] is not cfg["model_kwargs"]
+
+
+def test_script_defaults_are_the_yaml_chain():
+    supervised = script_defaults("supervised")
+    assert dict(supervised) == {k: v for k, v in load_config("supervised", []).items() if not k.startswith("_")}
+    assert set(script_defaults("default")) == set(supervised)  # supervised.yaml adds nothing
+    assert {"mode", "stream_loss"} <= set(script_defaults("teacher_student")) - set(supervised)
+    supervised.lr = 1.0  # a new, unfrozen copy each time
+    assert script_defaults("supervised").lr != 1.0

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import training_config
 from utils.config import CONFIG_DIR
 from utils.errors import InputError
 from utils.losses import (
@@ -16,6 +17,7 @@ from utils.losses import (
     marginal_dice_loss, mse_consistency, unannotated_class_weights, zero_pixel_loss)
 from utils.priors import (class_area_bounds, class_area_statistics, drop_oversized_pseudo_labels,
                           labeled_annotation_frequency, labeled_area_bounds)
+from utils.runtime import check_choices
 
 B, C, H, W = 2, 4, 5, 6
 
@@ -238,10 +240,10 @@ def test_update_kappa_follows_formula_keeps_nan_and_is_saved():
     resumed = TvMFDiceLoss(C)
     resumed.load_state_dict(loss.state_dict())
     assert torch.equal(resumed.kappa, loss.kappa)
-    composite = build_loss(SimpleNamespace(loss="tvmf_dice", num_classes=C))
+    composite = build_loss(training_config(loss="tvmf_dice", num_classes=C))
     composite.update_kappa([0.5] * C)
     assert torch.equal(composite.state_dict()["tvmf.kappa"], torch.full((C,), 16.0))
-    build_loss(SimpleNamespace(loss="dice_ce", num_classes=C)).update_kappa([0.5] * C)  # no-op, no error
+    build_loss(training_config(loss="dice_ce", num_classes=C)).update_kappa([0.5] * C)  # no-op, no error
 
 
 # ----------------------------------------------------------------- ignore masks
@@ -258,10 +260,10 @@ def all_losses_with_ignore():
         "marginal_ce_derived": lambda x, y, m: marginal_cross_entropy(x, y, None, m),
         "marginal_dice": lambda x, y, m: marginal_dice_loss(x, y, annotated, m, include_background=True),
         "exclusion": lambda x, y, m: exclusion_loss(x, y, annotated, m),
-        "composite": lambda x, y, m: build_loss(SimpleNamespace(
+        "composite": lambda x, y, m: build_loss(training_config(
             loss="dice_ce", partial_labels=True, exclusion_weight=0.5, num_classes=C))(
             x, y, m, annotated, certain_background=torch.ones_like(y, dtype=torch.bool)),
-        "stream_dice_ce": lambda x, y, m: build_stream_loss("dice_ce")(x, y, m),
+        "stream_dice_ce": lambda x, y, m: build_stream_loss("dice_ce", training_config())(x, y, m),
         "mse": lambda x, y, m: mse_consistency(x.softmax(1), y.new_zeros(x.shape).double(), ~m),
     }
 
@@ -337,7 +339,7 @@ def test_certain_background_ce_acts_only_on_those_pixels():
     logits, target, ignore, annotated = random_batch(8)
     certain = torch.zeros(B, H, W, dtype=torch.bool)
     certain[:, 0, :] = True  # top row: air
-    loss = build_loss(SimpleNamespace(loss="marginal_dice", background_ce_weight=0.7))
+    loss = build_loss(training_config(loss="marginal_dice", background_ce_weight=0.7))
 
     def gradient(**kwargs):
         x = logits.clone().requires_grad_()
@@ -358,12 +360,12 @@ def test_zero_ce_acts_on_every_zero_pixel_and_only_with_marginal_losses():
     logits, target, ignore, annotated = random_batch(9)
     used = (target == 0) & ~ignore
     minus_log_p0 = -(logits[:, 0] - logits.exp().sum(1).log())
-    plain = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.0))
-    weighted = build_loss(SimpleNamespace(loss="marginal_dice", zero_ce_weight=0.2, annotation_rate=1.0))
+    plain = build_loss(training_config(loss="marginal_dice", zero_ce_weight=0.0))
+    weighted = build_loss(training_config(loss="marginal_dice", zero_ce_weight=0.2, annotation_rate=1.0))
     difference = (weighted(logits, target, ignore, annotated)
                   - plain(logits, target, ignore, annotated)).item()
     assert used.any() and difference == pytest.approx(0.2 * float(minus_log_p0[used].mean()), rel=1e-10)
-    full_labels = SimpleNamespace(loss="dice", zero_ce_weight=0.2, partial_labels=False)
+    full_labels = training_config(loss="dice", zero_ce_weight=0.2, partial_labels=False)
     assert "zero_ce" not in build_loss(full_labels).terms(logits, target, ignore, annotated)
 
 
@@ -454,7 +456,7 @@ def test_float16_inputs_are_upcast():
 ])
 def test_build_loss_maps_every_name(name, partial, expected_terms):
     assert name in LOSS_NAMES
-    loss = build_loss(SimpleNamespace(loss=name, partial_labels=partial, num_classes=C, zero_ce_weight=0.0))
+    loss = build_loss(training_config(loss=name, partial_labels=partial, num_classes=C, zero_ce_weight=0.0))
     assert isinstance(loss, SupervisedLoss) and isinstance(loss, torch.nn.Module)
     logits, target, ignore, annotated = random_batch(12)
     terms = loss.terms(logits, target, ignore, annotated)
@@ -473,7 +475,7 @@ def test_composite_is_the_sum_of_its_parts():
     logits, target, ignore, annotated = random_batch(13)
     certain = torch.zeros(B, H, W, dtype=torch.bool)
     certain[:, -1, :] = True
-    cfg = SimpleNamespace(loss="dice_ce", partial_labels=True, num_classes=C, dice_squared=True,
+    cfg = training_config(loss="dice_ce", partial_labels=True, num_classes=C, dice_squared=True,
                           dice_include_background=True, dice_smooth=1e-3, exclusion_weight=0.5,
                           background_ce_weight=0.3, zero_ce_weight=0.2, annotation_rate=0.5)
     options = {"include_background": True, "squared": True, "smooth": 1e-3}
@@ -487,33 +489,39 @@ def test_composite_is_the_sum_of_its_parts():
 
 
 def test_build_loss_defaults_and_errors():
-    # missing keys take configs/default.yaml's values: loss dice_ce, partial_labels true (marginal)
+    # the default training config: loss dice_ce, partial_labels true (marginal)
     defaults = yaml.safe_load((CONFIG_DIR / "default.yaml").read_text())
-    loss = build_loss(SimpleNamespace())
+    loss = build_loss(training_config())
     opts = loss.options
     assert (opts.name, opts.marginal) == (defaults["loss"], defaults["partial_labels"])
     assert opts.background_ce_weight == defaults["background_ce_weight"]
     assert (opts.zero_ce_weight, opts.annotation_rate) == (defaults["zero_ce_weight"], defaults["annotation_rate"])
-    assert build_loss(SimpleNamespace(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
-    with pytest.raises(InputError, match="loss"):
-        build_loss(SimpleNamespace(loss="focal"))
+    assert build_loss(training_config(loss="tvmf_dice")).tvmf.kappa.numel() == defaults["num_classes"]
+    with pytest.raises(InputError, match="loss: unknown loss 'focal'"):  # checked with the config, once
+        check_choices(training_config(loss="focal"))
     with pytest.raises(InputError, match="annotation_rate"):
-        build_loss(SimpleNamespace(annotation_rate=-0.1))
+        build_loss(training_config(annotation_rate=-0.1))
     with pytest.raises(InputError, match="num_classes"):
-        build_loss(SimpleNamespace(loss="tvmf_dice", num_classes=None))
+        build_loss(training_config(loss="tvmf_dice", num_classes=None))
+    # a key missing from the config is a bug, not a silent default
+    partial = SimpleNamespace(**{k: v for k, v in training_config().items() if k != "zero_ce_presence"})
+    with pytest.raises(AttributeError, match="zero_ce_presence"):
+        build_loss(partial)
+    with pytest.raises(AttributeError, match="dice_include_background"):
+        build_stream_loss("dice", SimpleNamespace(loss="dice"))
 
 
 def test_stream_losses():
     logits, target, ignore, _ = random_batch(14)
-    cfg = SimpleNamespace(dice_squared=True)
+    cfg = training_config(dice_squared=True)
     assert float(build_stream_loss("dice", cfg)(logits, target, ignore)) == \
         pytest.approx(float(dice_loss(logits, target, ignore, squared=True)), rel=1e-12)
-    assert float(build_stream_loss("ce")(logits, target, ignore)) == \
+    assert float(build_stream_loss("ce", training_config())(logits, target, ignore)) == \
         pytest.approx(float(cross_entropy(logits, target, ignore)), rel=1e-12)
-    assert float(build_stream_loss("dice_ce")(logits, target, ignore)) == \
+    assert float(build_stream_loss("dice_ce", training_config())(logits, target, ignore)) == \
         pytest.approx(float(dice_loss(logits, target, ignore) + cross_entropy(logits, target, ignore)), rel=1e-12)
     with pytest.raises(InputError, match="stream loss"):
-        build_stream_loss("tvmf_dice")
+        build_stream_loss("tvmf_dice", training_config())
 
 
 # ----------------------------------------------------------------- area priors and the area constraint
@@ -546,9 +554,10 @@ def test_area_bounds_are_a_quantile_times_a_margin():
     assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=0.5, margin=1.0).tolist() == \
         [1.0, 0.375, 0.125, 0.0]
     assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=1.0, margin=4.0)[1] == 1.0
-    cfg = SimpleNamespace(num_classes=4, area_weight=0.0, area_quantile=1.0, area_margin=1.5)
+    settings = {"num_classes": 4, "area_weight": 0.0, "area_quantile": 1.0, "area_margin": 1.5}
+    cfg = training_config(**settings, pseudo_area_filter=False)
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED) is None
-    cfg.pseudo_area_filter = True
+    cfg = training_config(**settings, pseudo_area_filter=True)
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED).tolist() == [1.0, 0.75, 0.1875, 0.0]
 
 
@@ -570,10 +579,10 @@ def test_presence_aware_weights_by_hand():
 
 
 def test_presence_aware_zero_pixel_term_in_the_supervised_loss():
-    cfg = SimpleNamespace(loss="marginal_dice", num_classes=4, zero_ce_weight=0.5, annotation_rate=0.6,
-                          zero_ce_presence=False)
+    settings = {"loss": "marginal_dice", "num_classes": 4, "zero_ce_weight": 0.5, "annotation_rate": 0.6}
+    cfg = training_config(**settings, zero_ce_presence=False)
     assert labeled_annotation_frequency(cfg, AREA_MASKS, AREA_ANNOTATED) is None
-    cfg.zero_ce_presence = True
+    cfg = training_config(**settings, zero_ce_presence=True)
     frequency = labeled_annotation_frequency(cfg, AREA_MASKS, AREA_ANNOTATED)
     assert frequency == pytest.approx([1, 2 / 3, 1 / 3, 1 / 3])
     with pytest.raises(ValueError, match="annotation_frequency"):
@@ -637,13 +646,13 @@ def test_area_constraint_by_hand_and_against_a_loop():
 def test_area_term_in_the_supervised_and_stream_losses():
     logits, target, ignore, annotated = random_batch(4)
     bounds = torch.tensor([1.0, 0.2, 0.05, 0.3])
-    cfg = SimpleNamespace(loss="dice", partial_labels=True, area_weight=3.0)
+    cfg = training_config(loss="dice", partial_labels=True, area_weight=3.0)
     loss = build_loss(cfg, bounds)
     terms = loss.terms(logits, target, ignore, annotated)
     assert terms["area"].item() == pytest.approx(3.0 * area_loss_loop(logits, bounds, ignore))
     assert torch.equal(loss.state_dict()["area_bounds"], bounds)  # the checkpoint keeps the bounds
-    assert "area" not in build_loss(SimpleNamespace(loss="dice")).terms(logits, target, ignore, annotated)
-    assert "area_bounds" not in build_loss(SimpleNamespace(loss="dice")).state_dict()
+    assert "area" not in build_loss(training_config(loss="dice")).terms(logits, target, ignore, annotated)
+    assert "area_bounds" not in build_loss(training_config(loss="dice")).state_dict()
     with pytest.raises(ValueError, match="area_bounds"):
         build_loss(cfg)
     stream = build_stream_loss("ce", cfg, bounds)(logits, target, ignore)

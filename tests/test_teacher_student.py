@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import default_collate
-from conftest import IntensityClassifier, Recorder
+from conftest import IntensityClassifier, Recorder, training_config
 
 import test as test_script
 import train_teacher_student as ts
@@ -403,7 +403,7 @@ def test_pseudo_labelled_slices_are_complete_labels_and_ground_truth_stays_parti
                "certain_background": torch.ones(2, 2, 2, dtype=torch.bool),
                "pseudo_labelled": torch.tensor([False, True])}
     loss_sup = Recorder()
-    loss = ts.labeled_and_pseudo(loss_sup, build_stream_loss("ce"), logits, batch_x)
+    loss = ts.labeled_and_pseudo(loss_sup, build_stream_loss("ce", training_config()), logits, batch_x)
     # CE over the pseudo-labelled slice only: two 0-pixels (background) at -log(1/4), one
     # class-2 pixel at -log(1/2), the unsure pixel ignored: (2·log 4 + log 2) / 3 = 5/3·log 2
     assert math.isclose(loss.item(), 1 + 5 / 3 * math.log(2), rel_tol=1e-6)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import IntensityClassifier, Recorder, one_line_error
+from conftest import IntensityClassifier, Recorder, one_line_error, training_config
 
 from train_unimatch import unimatch_step
 from utils.losses import IGNORE_INDEX, build_stream_loss
@@ -161,7 +161,7 @@ def test_pixels_under_tau_are_ignored_and_get_no_gradient():
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
     target = torch.randint(0, 3, (2, 8, 8))
     ignore = torch.rand(2, 8, 8) < 0.5
-    build_stream_loss("dice")(logits, target, ignore).backward()
+    build_stream_loss("dice", training_config())(logits, target, ignore).backward()
     assert (logits.grad.abs().sum(1)[ignore] == 0).all()
     assert (logits.grad.abs().sum(1)[~ignore] > 0).any()
 

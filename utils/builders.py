@@ -9,7 +9,7 @@ from dataloaders import sampling
 from dataloaders.challenge import load_challenge, make_split, split_summary
 from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augmentation,
                                   intensity_augmentation, normalization_stats)
-from networks import MODELS, build_model, model_options
+from networks import build_model
 from utils import distributed
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import InputError
@@ -22,7 +22,9 @@ def load_data(cfg):
     """Data folder -> (ChallengeData, Split, normalisation). Prints the split once."""
     with distributed.main_first():  # rank 0 may write the decoded-image cache the others read
         data = load_challenge(cfg.data, num_classes=cfg.num_classes, label_mode=cfg.label_mode)
-    cfg.num_classes = data.num_classes
+    if data.num_classes != cfg.num_classes:  # utils.runtime.setup derived it from the same files
+        raise ValueError(f"{data.root} has {data.num_classes} classes, the config {cfg.num_classes}: "
+                         "resolve the config with utils.runtime.setup")
     split = make_split(data, cfg.labeled_ratio, cfg.num_labeled, cfg.split_seed,
                        folds=cfg.folds, fold=cfg.fold)
     norm = normalization_stats(np.asarray(data.train_images)[split.train])
@@ -51,24 +53,9 @@ def network_family(name):
     return "segformer" if name.startswith("segformer") else name
 
 
-def check_network_options(model_kwargs):
-    """Every `model_kwargs.<family>.<option>` must be an option of that family's constructor
-    (config.py lets any nested key through here so that every option is settable)."""
-    families = {network_family(name): name for name in MODELS}
-    for family, options in model_kwargs.items():
-        if family not in families:
-            raise InputError(f"model_kwargs: unknown network family '{family}' "
-                             f"(known: {', '.join(families)})")
-        known = model_options(families[family])
-        unknown = sorted(set(options or {}) - set(known))
-        if unknown:
-            raise InputError(f"model_kwargs.{family}: unknown option(s) {', '.join(unknown)} "
-                             f"(options: {', '.join(known)})")
-
-
 def model_config(cfg, data):
-    """(name, kwargs) for `build_model`: the family's `model_kwargs` plus channels and classes."""
-    check_network_options(cfg.model_kwargs)
+    """(name, kwargs) for `build_model`: the family's `model_kwargs` (checked with the config:
+    utils.runtime.check_network_options) plus channels and classes."""
     extra = cfg.model_kwargs.get(network_family(cfg.model), {})
     if cfg.edge_guided:  # only when on, so plain checkpoints keep their kwargs
         extra = {**extra, "edge_guided": True}

@@ -9,12 +9,18 @@ Every script has one YAML file in `configs/` holding all of its defaults; a file
 Each top-level key is also a flag (`--labeled_ratio 0.8`); values are parsed with
 `yaml.safe_load`, so `0.8` is a float and `[96, 96]` a list. A key that no YAML declares is an
 error, and so is an override whose type differs from its default (an int may stand for a float)
-— except below `OPEN_KEYS`, whose nested keys the code that uses them checks (network options
-against the network's constructor). The help text of a flag is the comment on its line in the YAML file.
+— except below `OPEN_KEYS`, whose nested keys `utils.runtime.check_config` checks (network
+options against the network's constructor). The help text of a flag is the comment on its line in the YAML file.
+
+A resolved config is checked and completed once, then frozen (`Config.freeze`): the training
+scripts get theirs from `utils.runtime.setup`, test.py from its `resolve_config`. After that no
+code sets a key: a value derived from the config (the data's class count, the phantom folder,
+instance mode's `select_metric`, the teacher–student run directory) is computed in `setup`
+before the freeze and stored under the config's own key. Code handed a config reads `cfg.key`;
+a missing key is a bug, not a default (`script_defaults` gives the defaults of a script).
 """
 import argparse
 import copy
-import functools
 import re
 from pathlib import Path
 
@@ -24,12 +30,18 @@ from utils.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Mappings that take keys their YAML does not list: every option of every network family, checked
-# against the network's constructor when the network is built (builders.model_config).
+# against the network's constructor with the rest of the config (utils.runtime.check_config).
 OPEN_KEYS = ("model_kwargs",)
 
 
 class Config(dict):
-    """A plain dict whose keys are also attributes (`cfg.lr`); nested dicts stay plain dicts."""
+    """A plain dict whose keys are also attributes (`cfg.lr`); nested dicts stay plain dicts.
+
+    `freeze()` makes it read-only: setting an attribute then raises AttributeError, setting,
+    deleting or updating a key TypeError. Nested values (`model_kwargs`, lists) are not frozen,
+    and no code changes them. A copy (`Config(cfg)`, `{**cfg, …}`) is a new, unfrozen config."""
+
+    _frozen = False
 
     def __getattr__(self, key):
         try:
@@ -37,8 +49,66 @@ class Config(dict):
         except KeyError:
             raise AttributeError(key) from None
 
+    def freeze(self):
+        """Make this config read-only (for good); returns it."""
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    def _refuse(self, key, error=TypeError):
+        if self._frozen:
+            raise error(f"config is frozen: '{key}' cannot be changed once the config is resolved "
+                        "(compute derived values before the freeze, in utils.runtime.setup)")
+
     def __setattr__(self, key, value):
+        self._refuse(key, AttributeError)
         self[key] = value
+
+    def __delattr__(self, key):
+        self._refuse(key, AttributeError)
+        try:
+            del self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setitem__(self, key, value):
+        self._refuse(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._refuse(key)
+        super().__delitem__(key)
+
+    def update(self, *args, **kwargs):
+        self._refuse(", ".join(map(str, dict(*args, **kwargs))))
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key, default=None):
+        self._refuse(key)
+        return super().setdefault(key, default)
+
+    def pop(self, key, *default):
+        self._refuse(key)
+        return super().pop(key, *default)
+
+    def popitem(self):
+        self._refuse("popitem")
+        return super().popitem()
+
+    def clear(self):
+        self._refuse("clear")
+        super().clear()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __reduce__(self):  # copy, deepcopy, pickle: the items first, then the freeze
+        return _rebuild_config, (dict(self), self._frozen)
+
+
+def _rebuild_config(values, frozen):
+    cfg = Config(values)
+    return cfg.freeze() if frozen else cfg
 
 
 def read_yaml_chain(path):
@@ -61,21 +131,11 @@ def read_yaml_chain(path):
     return merge(base_values, values, source=path, allow_new=True), {**base_helps, **helps}
 
 
-@functools.cache
-def _training_defaults():
-    return read_yaml_chain(CONFIG_DIR / "default.yaml")[0]
-
-
-def training_default(key):
-    """The default of a training key, from configs/default.yaml (for code that is handed a
-    partial config, such as the loss builders in tests and benchmarks)."""
-    return copy.deepcopy(_training_defaults()[key])
-
-
-def setting(cfg, key):
-    """`cfg`'s value of `key` (any object with attributes, e.g. a SimpleNamespace), else the
-    training default in configs/default.yaml — the one place defaults are written."""
-    return getattr(cfg, key) if hasattr(cfg, key) else training_default(key)
+def script_defaults(script="default"):
+    """The defaults of `configs/<script>.yaml` with its `base:` chain, as a new (unfrozen)
+    `Config`: `default` holds the training keys every training script shares (test.py's
+    baseline split), `supervised` those of train_supervised.py (the pseudo_label teacher's)."""
+    return Config(read_yaml_chain(CONFIG_DIR / f"{script}.yaml")[0])
 
 
 def _same_type(default, value):

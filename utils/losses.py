@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.config import setting
 from utils.errors import InputError
 
 IGNORE_INDEX = 255
@@ -433,18 +432,16 @@ class LossOptions:
 
     @classmethod
     def from_config(cls, cfg):
-        """The options `cfg` asks for (missing keys: the defaults of configs/default.yaml)."""
-        name = setting(cfg, "loss")
-        if name not in LOSS_NAMES:
-            raise InputError(f"loss: unknown loss '{name}' (choose from {', '.join(LOSS_NAMES)})")
-        floats = {key: float(setting(cfg, key)) for key in (
+        """The options a checked config asks for (`loss` one of LOSS_NAMES:
+        utils.runtime.check_config)."""
+        floats = {key: float(getattr(cfg, key)) for key in (
             "dice_smooth", "tvmf_lambda", "exclusion_weight", "background_ce_weight", "zero_ce_weight",
             "annotation_rate", "area_weight", "edge_weight")}
-        return cls(name=name.removeprefix("marginal_"),
-                   marginal=name.startswith("marginal_") or bool(setting(cfg, "partial_labels")),
-                   partial_labels=bool(setting(cfg, "partial_labels")),
-                   dice_include_background=bool(setting(cfg, "dice_include_background")),
-                   dice_squared=bool(setting(cfg, "dice_squared")), **floats)
+        return cls(name=cfg.loss.removeprefix("marginal_"),
+                   marginal=cfg.loss.startswith("marginal_") or bool(cfg.partial_labels),
+                   partial_labels=bool(cfg.partial_labels),
+                   dice_include_background=bool(cfg.dice_include_background),
+                   dice_squared=bool(cfg.dice_squared), **floats)
 
     @property
     def dice_options(self):
@@ -544,15 +541,13 @@ class SupervisedLoss(nn.Module):
 
 
 def _dice_options(cfg):
-    return {"include_background": bool(setting(cfg, "dice_include_background")),
-            "squared": bool(setting(cfg, "dice_squared")),
-            "smooth": float(setting(cfg, "dice_smooth"))}
+    return {"include_background": bool(cfg.dice_include_background),
+            "squared": bool(cfg.dice_squared), "smooth": float(cfg.dice_smooth)}
 
 
 def build_loss(cfg, area_bounds=None, annotation_frequency=None):
-    """The `SupervisedLoss` a config asks for (`LossOptions.from_config`). Keys missing from `cfg`
-    (any object with attributes, e.g. a SimpleNamespace) take the training defaults of
-    configs/default.yaml.
+    """The `SupervisedLoss` a config asks for (`LossOptions.from_config`); `cfg` is any object
+    with the training keys as attributes (a resolved `Config`; every key below must be there).
 
     Keys: loss (one of LOSS_NAMES), num_classes, partial_labels (True turns dice/ce/dice_ce into
     their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
@@ -563,11 +558,11 @@ def build_loss(cfg, area_bounds=None, annotation_frequency=None):
     needs `area_bounds (C,)` from `priors.labeled_area_bounds`), edge_weight (the edge term).
     """
     options = LossOptions.from_config(cfg)
-    num_classes = setting(cfg, "num_classes")
+    num_classes = cfg.num_classes
     _check_annotation_rate(options.annotation_rate)  # refused before training, not at its first step
     if options.area_weight > 0 and area_bounds is None:
         raise ValueError("area_weight > 0 needs area_bounds (see labeled_area_bounds)")
-    presence = setting(cfg, "zero_ce_presence")
+    presence = cfg.zero_ce_presence
     if presence and annotation_frequency is None:
         raise ValueError("zero_ce_presence needs annotation_frequency (see labeled_annotation_frequency)")
     if options.name == "tvmf_dice" and num_classes is None:
@@ -575,19 +570,20 @@ def build_loss(cfg, area_bounds=None, annotation_frequency=None):
     return SupervisedLoss(options, num_classes, area_bounds, annotation_frequency if presence else None)
 
 
-def build_stream_loss(name, cfg=None, area_bounds=None):
+def build_stream_loss(name, cfg, area_bounds=None):
     """Loss of an unlabeled stream (UniMatch s1/s2/FP, teacher pseudo-labels) against pseudo-labels.
 
-    name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'); Dice options come from `cfg` as in
-    `build_loss` (defaults without it). Returns a callable (logits [B,C,H,W], pseudo-labels int
-    [B,H,W], ignore bool [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete
-    labels, so no marginalisation here. With `area_bounds (C,)` and `cfg.area_weight` > 0 the
+    name in STREAM_LOSS_NAMES ('dice', 'ce', 'dice_ce'; another raises InputError); the Dice
+    options (`dice_include_background`, `dice_squared`, `dice_smooth`) come from `cfg` as in
+    `build_loss`. Returns a callable (logits [B,C,H,W], pseudo-labels int [B,H,W], ignore bool
+    [B,H,W], True = not confident) -> scalar. Pseudo-labels are complete labels, so no
+    marginalisation here. With `area_bounds (C,)` and `cfg.area_weight` > 0 the
     area constraint is added on the stream's predictions too (all pixels: it needs no label).
     """
     if name not in STREAM_LOSS_NAMES:
         raise InputError(f"loss: unknown stream loss '{name}' (choose from {', '.join(STREAM_LOSS_NAMES)})")
     dice_options = _dice_options(cfg)
-    area_weight = float(setting(cfg, "area_weight"))
+    area_weight = float(cfg.area_weight)
 
     def stream_loss(logits, target, ignore=None):
         total = 0

@@ -6,7 +6,9 @@ from contextlib import nullcontext
 
 import torch
 
-from utils.errors import InputError
+# the values of `scheduler` and `amp_dtype` (checked with the config: utils.runtime.check_config)
+SCHEDULERS = ("plateau", "poly")
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_optimizer(cfg, parameters):
@@ -18,19 +20,12 @@ def build_scheduler(cfg, optimizer, total_iterations):
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    if cfg.scheduler == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1 - step / total_iterations) ** cfg.poly_power)
-    raise InputError(f"scheduler: unknown '{cfg.scheduler}' (choose plateau or poly)")
-
-
-AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    return torch.optim.lr_scheduler.LambdaLR(  # poly
+        optimizer, lambda step: max(0.0, 1 - step / total_iterations) ** cfg.poly_power)
 
 
 def build_optimisation(cfg, parameters, total_iterations, device):
     """(AdamW, its schedule, the AMP GradScaler) for the trainable `parameters`."""
-    if cfg.amp_dtype not in AMP_DTYPES:
-        raise InputError(f"amp_dtype: unknown '{cfg.amp_dtype}' (choose {' or '.join(AMP_DTYPES)})")
     optimizer = build_optimizer(cfg, parameters)
     return optimizer, build_scheduler(cfg, optimizer, total_iterations), make_scaler(device, cfg)
 

@@ -13,7 +13,6 @@ and the pseudo-label hygiene that uses it (README, Losses and partial labels).
 import numpy as np
 import torch
 
-from utils.config import setting
 from utils.losses import IGNORE_INDEX
 
 
@@ -60,18 +59,17 @@ def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
     """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
     config's `area_quantile` (0.95) and `area_margin` (1.5), on `device`; None when neither the
     area constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
-    if float(setting(cfg, "area_weight")) <= 0 and not setting(cfg, "pseudo_area_filter"):
+    if float(cfg.area_weight) <= 0 and not cfg.pseudo_area_filter:
         return None
-    return class_area_bounds(masks, annotated, cfg.num_classes,
-                             float(setting(cfg, "area_quantile")),
-                             float(setting(cfg, "area_margin"))).to(device)
+    return class_area_bounds(masks, annotated, cfg.num_classes, float(cfg.area_quantile),
+                             float(cfg.area_margin)).to(device)
 
 
 def labeled_annotation_frequency(cfg, masks, annotated):
     """The share of the labeled training masks `(N,H,W)` / annotated `(N,C)` on which each class
     is annotated (`class_area_statistics`), for the presence-aware zero-pixel term
     (`losses.unannotated_class_weights`); None when `zero_ce_presence` is off."""
-    if not setting(cfg, "zero_ce_presence"):
+    if not cfg.zero_ce_presence:
         return None
     return class_area_statistics(masks, annotated, cfg.num_classes)["annotation_rate"]
 

@@ -1,5 +1,16 @@
 """What every script settles before training: the resolved config (with the phantom preset when
-there is no challenge data), the device, and the random seeds.
+there is no challenge data), checked once and frozen, the device, and the random seeds.
+
+`check_config` is the one place a config is checked: the value of every choice key (`CHOICES`)
+and the combinations a script refuses, each a one-line InputError. `setup` resolves a training
+script's config, checks it, completes it and freezes it (`utils.config.Config.freeze`); test.py
+checks and freezes its own the same way. The values derived from a config are computed in
+`setup`, before the freeze, and stored under the config's own keys — nowhere else:
+- `select_metric`: `rand` in instance mode (`selection_metric`);
+- `data`: the built-in phantom's folder when `data/` holds no challenge files;
+- `num_classes`: the data's (the ids of its `classes.yaml`; instance mode's 3 targets);
+- what the script's `derive` returns (train_teacher_student.py: `out_dir`, the run directory
+  that its teacher and pseudo-labels go in).
 
 Exact resume rests on `epoch_seed`: a training loop re-seeds every generator from (seed, epoch)
 at the start of each epoch, so a run resumed after epoch e repeats epoch e+1 exactly.
@@ -11,11 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataloaders.challenge import LABEL_MODES, has_challenge_files
+from dataloaders.challenge import LABEL_MODES, data_classes, has_challenge_files
 from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
+from networks import MODELS, model_options
 from utils import distributed
+from utils.builders import network_family
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
+from utils.inference import TTA_MODES
+from utils.losses import LOSS_NAMES, STREAM_LOSS_NAMES
+from utils.optim import AMP_DTYPES, SCHEDULERS
+from utils.teachers import pretrain_epoch_count
 
 # the built-in phantom of each label mode: #165 class ids, #150 structure ids (same images)
 PHANTOM_DIRS = {"class": Path("data/phantom"), "instance": Path("data/phantom_instance")}
@@ -33,8 +50,10 @@ def phantom_preset(script, cfg):
     return specific if specific.is_file() else CONFIG_DIR / "phantom.yaml"
 
 
-def setup(script, argv, description):
-    """Resolve the config (phantom preset included), print it once, return it.
+def setup(script, argv, description, derive=None):
+    """Resolve the config of `script` (phantom preset included), check it (`check_config`),
+    complete it with the values derived from it (module docstring), freeze it, print it once and
+    return it. `derive(cfg) -> {key: value}`: values the script derives from the checked config.
 
     With no challenge files in `data/`, the phantom of the label mode is generated into
     `PHANTOM_DIRS[label_mode]` (once). Under torchrun this also joins the process group
@@ -42,8 +61,8 @@ def setup(script, argv, description):
     """
     cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
     distributed.print_from_main_only()
-    check_label_mode_options(cfg)
-    check_validation_options(cfg)
+    check_config(cfg, script)
+    cfg.select_metric = selection_metric(cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
@@ -56,6 +75,10 @@ def setup(script, argv, description):
         cfg.data = str(phantom)
     elif "_preset" in cfg:
         print(f"'{cfg.data}' is a phantom folder: the phantom preset ({preset_name(cfg)}) applies.")
+    cfg.num_classes = data_classes(cfg.data, cfg.num_classes, cfg.label_mode)[1]
+    if derive is not None:
+        cfg.update(derive(cfg))
+    cfg.freeze()
     print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
     return cfg
 
@@ -65,12 +88,76 @@ def preset_name(cfg):
     return f"{CONFIG_DIR.name}/{Path(cfg['_preset']).name}"
 
 
+def selection_metric(cfg):
+    """The validation score that selects best.pth: `select_metric`, but in instance mode the Rand
+    index (its three classes are not organs; `check_label_mode_options` refused a class score
+    given explicitly), with a note."""
+    if cfg.label_mode != "instance" or cfg.select_metric == "rand":
+        return cfg.select_metric
+    print(f"note: instance mode: best.pth is selected by the validation Rand index "
+          f"(select_metric rand, not {cfg.select_metric})")
+    return "rand"
+
+
+# ==== the checks of a resolved config ====
+def _one_of(values, joiner=", "):
+    """A choice key's values and the usual error of another: `key: unknown 'x' (choose a, b)`."""
+    return tuple(values), f"{{key}}: unknown '{{value}}' (choose {joiner.join(values)})"
+
+
+# Every key whose value is one of a fixed set, checked when the script's config has it: the
+# values, and the one-line error of another value (`{key}`: the key, or test.py's flag).
+CHOICES = {
+    "label_mode": _one_of(LABEL_MODES, " or "),
+    "model": (tuple(MODELS), f"{{key}}: unknown model {{value!r}}; valid models: {', '.join(MODELS)}"),
+    "loss": (LOSS_NAMES, f"{{key}}: unknown loss '{{value}}' (choose from {', '.join(LOSS_NAMES)})"),
+    "stream_loss": (STREAM_LOSS_NAMES,
+                    f"loss: unknown stream loss '{{value}}' (choose from {', '.join(STREAM_LOSS_NAMES)})"),
+    "scheduler": _one_of(SCHEDULERS, " or "),
+    "amp_dtype": _one_of(AMP_DTYPES, " or "),
+    "select_metric": _one_of(("dice", "rand"), " or "),
+    "mix_source": _one_of(("loader", "batch"), " or "),           # train_unimatch.py
+    "mode": _one_of(("pseudo_label", "mean_teacher", "bcp")),      # train_teacher_student.py
+    "schedule": _one_of(("joint", "pretrain_finetune")),
+    "consistency": _one_of(("mse", "hard")),
+    "tta": _one_of(TTA_MODES),                                     # and test.py
+    "split": _one_of(("val", "train", "test", "oof")),             # test.py
+    "weights": (("", "teacher", "student"), "{key}: unknown '{value}' (choose teacher or student)"),
+    "baseline": (("", "watershed"), "{key}: unknown '{value}' (the only one is watershed)"),
+}
+
+
+def check_config(cfg, script):
+    """Refuse, with a one-line InputError, a resolved config that `script` (`supervised`,
+    `unimatch`, `teacher_student` or `test`) cannot run: a choice key with another value
+    (`CHOICES`), and the combinations refused — instance mode's (`check_label_mode_options`),
+    labeled_ratio 1's (`check_validation_options`), unknown network options, and the script's
+    own. Changes nothing."""
+    check_choices(cfg, flags=script == "test")
+    if script == "test":
+        check_test_options(cfg)
+        return
+    check_label_mode_options(cfg)
+    check_validation_options(cfg)
+    check_network_options(cfg.model_kwargs)
+    if script == "unimatch":
+        check_unimatch_options(cfg)
+    elif script == "teacher_student":
+        check_teacher_student_options(cfg)
+
+
+def check_choices(cfg, flags=False):
+    """Every key of `cfg` in `CHOICES` must hold one of its values; `flags`: the error names the
+    key as a flag (`--tta: unknown …`), as test.py's errors do."""
+    for key, (values, message) in CHOICES.items():
+        if key in cfg and cfg[key] not in values:
+            raise InputError(message.format(key=f"--{key}" if flags else key, value=cfg[key]))
+
+
 def check_label_mode_options(cfg):
     """Instance mode (README, "#150 instance mode") trains 3 classes whose ids are not organs:
-    refuse the options that read organ classes, and select best.pth by the Rand index."""
-    if cfg.label_mode not in LABEL_MODES:
-        raise InputError(f"label_mode: unknown '{cfg.label_mode}' (choose "
-                         f"{' or '.join(LABEL_MODES)})")
+    refuse the options that read organ classes (best.pth is selected by the Rand index:
+    `selection_metric`)."""
     if cfg.label_mode != "instance":
         return
     if cfg.edge_guided:  # the boundary class is the edge supervision here; the edge branch's
@@ -83,13 +170,9 @@ def check_label_mode_options(cfg):
     if cfg.area_weight > 0 or cfg.pseudo_area_filter:
         raise InputError("area_weight, pseudo_area_filter: class area bounds mean nothing for "
                          "per-image structure ids (instance mode)")
-    if cfg.select_metric != "rand":
-        if "select_metric" in cfg.get("_overrides", ()):
-            raise InputError(f"select_metric: instance mode selects by the Rand index of the "
-                             f"structures ('{cfg.select_metric}' is a class score)")
-        print(f"note: instance mode: best.pth is selected by the validation Rand index "
-              f"(select_metric rand, not {cfg.select_metric})")
-        cfg.select_metric = "rand"
+    if cfg.select_metric != "rand" and "select_metric" in cfg.get("_overrides", ()):
+        raise InputError(f"select_metric: instance mode selects by the Rand index of the "
+                         f"structures ('{cfg.select_metric}' is a class score)")
 
 
 def check_validation_options(cfg):
@@ -103,6 +186,67 @@ def check_validation_options(cfg):
     if cfg.loss == "tvmf_dice":
         raise InputError("loss: tvmf_dice sets its per-class κ from validation Dice, and "
                          "labeled_ratio 1 leaves no validation split; choose dice, ce or dice_ce")
+
+
+def check_network_options(model_kwargs):
+    """Every `model_kwargs.<family>.<option>` must be an option of that family's constructor
+    (config.py lets any nested key through here so that every option is settable)."""
+    families = {network_family(name): name for name in MODELS}
+    for family, options in model_kwargs.items():
+        if family not in families:
+            raise InputError(f"model_kwargs: unknown network family '{family}' "
+                             f"(known: {', '.join(families)})")
+        known = model_options(families[family])
+        unknown = sorted(set(options or {}) - set(known))
+        if unknown:
+            raise InputError(f"model_kwargs.{family}: unknown option(s) {', '.join(unknown)} "
+                             f"(options: {', '.join(known)})")
+
+
+def check_unimatch_options(cfg):
+    if cfg.edge_guided:
+        raise InputError("edge_guided: not supported by train_unimatch.py (its feature-perturbed "
+                         "stream decodes plain features); use train_supervised.py or "
+                         "train_teacher_student.py")
+
+
+def check_teacher_student_options(cfg):
+    """The shares, counts and decays of train_teacher_student.py, and BCP's batch pairing."""
+    two_phases = cfg.mode == "bcp" or (cfg.mode == "pseudo_label"
+                                       and cfg.schedule == "pretrain_finetune")
+    if not 0 <= cfg.pretrain_share < 1:
+        raise InputError(f"pretrain_share: {cfg.pretrain_share} is not a share in [0, 1)")
+    if two_phases and pretrain_epoch_count(cfg) >= cfg.epochs:
+        raise InputError(f"pretrain_share: {cfg.pretrain_share} of {cfg.epochs} epochs leaves no "
+                         "epoch for the second phase")
+    if not 0 < cfg.pseudo_share <= 1:
+        raise InputError(f"pseudo_share: {cfg.pseudo_share} is not a share in (0, 1]")
+    if cfg.n_pseudo < 0:
+        raise InputError(f"n_pseudo: {cfg.n_pseudo} is negative")
+    if not 0 <= cfg.ema_alpha < 1:
+        raise InputError(f"ema_alpha: {cfg.ema_alpha} is not a decay in [0, 1) (0 = sized to the run)")
+    if cfg.mode == "bcp":
+        if cfg.batch_size_unlabeled not in (0, cfg.batch_size):
+            raise InputError(f"batch_size_unlabeled: BCP pairs each unlabeled slice with a labeled "
+                             f"one, so it must be 0 or batch_size ({cfg.batch_size}), not "
+                             f"{cfg.batch_size_unlabeled}")
+        if len(cfg.mask_ratio_schedule) != 2 or not all(0 < r < 1 for r in cfg.mask_ratio_schedule):
+            raise InputError(f"mask_ratio_schedule: {cfg.mask_ratio_schedule} is not [start, end] "
+                             "with both between 0 and 1")
+        if cfg.static_every < 1:
+            raise InputError(f"static_every: {cfg.static_every} is not a positive iteration count")
+
+
+def check_test_options(cfg):
+    """test.py's refusals that its config alone decides: `--baseline` with what needs a model."""
+    if not cfg.baseline:
+        return
+    if not cfg.data:
+        raise InputError("--baseline watershed needs --data (there is no checkpoint)")
+    if cfg.split == "oof":
+        raise InputError("--split oof scores fold checkpoints; the baseline has none")
+    if cfg.images:
+        raise InputError("--images: predicts with --ckpt checkpoints, not the baseline")
 
 
 @functools.cache  # one answer, and one warning, per process

@@ -1,7 +1,8 @@
 """Mechanics the teacher–student methods share (`train_teacher_student.py`): the parts a step
-works with and its position in the run, the EMA update and its decay sized to the run, the
-ramp-up, the dual teacher's pick, freezing encoder stages, cleaning pseudo-labels to their
-largest component, and feeding a loaded teacher the normalisation it was trained with.
+works with and its position in the run, the length of the first phase, the EMA update and its
+decay sized to the run, the ramp-up, the dual teacher's pick, freezing encoder stages, cleaning
+pseudo-labels to their largest component, and feeding a loaded teacher the normalisation it was
+trained with.
 """
 import math
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class Position:
     iteration: int
     per_epoch: int
     total: int
+
+
+def pretrain_epoch_count(cfg):
+    """Epochs of the first phase (BCP's labeled copy-paste, or the pseudo-labels of
+    `pretrain_finetune`): `pretrain_share` of the run's epochs, rounded."""
+    return round(cfg.pretrain_share * cfg.epochs)
 
 
 def rampup(cfg, at, start_epoch=0):
