@@ -2,7 +2,7 @@
 ensembles).
 
     python test.py --ckpt best.pth                  # tries runs/latest/best.pth if ./best.pth is absent
-    python test.py --ckpt runs/latest/best.pth --tta shift --postprocess true --save_png 8
+    python test.py --ckpt runs/latest/best.pth --tta none --no-postprocess --save_png 8
     python test.py --ckpt runs/fold*/best.pth --split oof   # K fold checkpoints: cross-validated score
     python test.py --ckpt runs/fold*/best.pth --tta shift   # several checkpoints: their ensemble
     python test.py --baseline watershed --data data/phantom   # the challenge's classical baseline
@@ -316,16 +316,17 @@ def load_members(patterns, cfg):
     if len(checkpoints) > 1:
         print(f"Ensemble of {len(checkpoints)} checkpoints: mean softmax, each with its own "
               "preprocessing")
-    if cfg.postprocess and checkpoints[0].label_mode == "instance":
+    if "postprocess" in cfg._overrides and cfg.postprocess and checkpoints[0].label_mode == "instance":
         raise InputError("--postprocess: cleans class maps per class; the structures of an "
                          "instance checkpoint are already cleaned by the watershed (small "
                          "seeds merged, small regions removed)")
     return checkpoints
 
 
-def finished(labels, cfg):
-    """`labels (N,H,W)` after `--postprocess` (unchanged without it)."""
-    if not cfg.postprocess:
+def finished(labels, cfg, label_mode="class"):
+    """Class maps `labels (N,H,W)` after `--postprocess` (unchanged without it). Structure ids
+    (instance mode) are left alone: the watershed has cleaned them already."""
+    if not cfg.postprocess or label_mode == "instance":
         return labels
     return postprocess(labels, cfg.min_component_size, cfg.single_instance_classes)
 
@@ -341,9 +342,9 @@ def model_predictor(checkpoints, cfg, device, label_mode):
                                       each_member=each_member,
                                       progress=lambda it: tqdm(it, desc="predict", leave=False),
                                       label_mode=label_mode)
-        member_labels = ([finished(labels, cfg) for labels in prediction.member_labels]
+        member_labels = ([finished(labels, cfg, label_mode) for labels in prediction.member_labels]
                          if each_member else None)
-        return finished(prediction.labels, cfg), member_labels
+        return finished(prediction.labels, cfg, label_mode), member_labels
     return predict
 
 

@@ -42,6 +42,9 @@ def test_a_bare_boolean_flag_means_true_and_no_flag_false():
     assert load_config("test", ["--postprocess", "--tta", "shift"]).postprocess is True
     assert load_config("test", ["--postprocess", "false"]).postprocess is False
     assert load_config("test", ["--no-postprocess"]).postprocess is False
+    assert load_config("supervised", []).aug_flip is False  # a key whose default is false
+    assert load_config("supervised", ["--aug_flip"]).aug_flip is True
+    assert load_config("supervised", ["--aug_flip", "--seed", "3"]).aug_flip is True
     assert load_config("supervised", ["--no-partial_labels"]).partial_labels is False
     assert load_config("supervised", []).partial_labels is True  # not given: the YAML default
     assert load_config("supervised", ["--no-partial_labels"])._overrides == ["partial_labels"]
@@ -51,10 +54,10 @@ def test_help_and_errors_spell_values_as_yaml(capsys):
     with pytest.raises(SystemExit):
         load_config("test", ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "(default: false)" in text and "(default: '')" in text and "(default: none)" in text
+    assert "(default: true)" in text and "(default: '')" in text and "(default: shift)" in text
     assert "True" not in text and "False" not in text
     with pytest.raises(InputError, match=r"'postprocess' must be of type bool like its default "
-                                         r"false, got \[1, 2\]"):
+                                         r"true, got \[1, 2\]"):
         load_config("test", ["--postprocess", "[1, 2]"])
 
 

@@ -46,10 +46,12 @@ def test_a_run_writes_every_output(trained):
 
 
 def test_test_py_reproduces_the_logged_validation_score(trained, capsys, monkeypatch):
+    """With the training's own evaluation (no TTA, no post-processing: test.py's defaults add
+    both) test.py scores the validation split exactly as the log did."""
     monkeypatch.chdir(trained.parent)
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_dice"])
-    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess"])
     out = capsys.readouterr().out
     assert f"per-class Dice {best['val_dice']:.4f} | Rand index {best['val_rand']:.4f}" in out
     assert "Predicted vs true area per class (annotated slices only):" in out
@@ -189,11 +191,12 @@ def test_images_folder_of_two_sizes_gets_a_label_png_each(trained, tiny_phantom,
     odd = cv2.resize(cv2.imread(str(sources[0]), cv2.IMREAD_GRAYSCALE), (80, 96))
     cv2.imwrite(str(folder / "odd.png"), odd)
     ckpt = str(trained / "best.pth")
-    test_script.main(["--ckpt", ckpt, "--out", str(tmp_path / "reference.csv")])
+    plain = ["--tta", "none", "--no-postprocess"]  # as `predict_slices` below
+    test_script.main(["--ckpt", ckpt, "--out", str(tmp_path / "reference.csv")] + plain)
     reference, names, _ = read_label_csv(tmp_path / "reference.csv")
     capsys.readouterr()
     test_script.main(["--ckpt", ckpt, "--images", str(folder), "--out_dir", str(tmp_path / "out"),
-                      "--save_png", "2"])
+                      "--save_png", "2"] + plain)
     out = capsys.readouterr().out
     assert f"4 label PNGs (class ids) in {tmp_path / 'out'}/" in out
     assert "no submission CSV: the images have 2 sizes" in out
@@ -209,7 +212,8 @@ def test_images_folder_of_two_sizes_gets_a_label_png_each(trained, tiny_phantom,
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
     # one size: the challenge CSV of the predictions as well
     (folder / "odd.png").unlink()
-    test_script.main(["--ckpt", ckpt, "--images", str(folder), "--out_dir", str(tmp_path / "one")])
+    test_script.main(["--ckpt", ckpt, "--images", str(folder), "--out_dir", str(tmp_path / "one")]
+                     + plain)
     masks, written, _ = read_label_csv(tmp_path / "one" / "submission.csv")
     assert written == [source.name for source in sources]
     assert np.array_equal(masks, reference[[names.index(name) for name in written]])

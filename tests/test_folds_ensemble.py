@@ -129,7 +129,8 @@ def test_ensemble_is_the_argmax_of_the_members_mean_softmax(tiny_phantom, tmp_pa
               save_member(tmp_path / "b" / "best.pth", tiny_phantom, 64, 1, NORMS[1])]
     out = tmp_path / "ensemble.csv"
     test_script.main(["--gpu", "-1", "--ckpt", str(tmp_path / "a" / "best.pth"),
-                      str(tmp_path / "b" / "best.pth"), "--out", str(out)])
+                      str(tmp_path / "b" / "best.pth"), "--out", str(out), "--tta", "none",
+                      "--no-postprocess"])
     printed = capsys.readouterr().out
     names, submitted = read_submission(out)
     assert names == list(data.test_names)

@@ -161,7 +161,7 @@ def test_test_py_writes_scores_json(workdir, tiny_phantom, capsys):
     train_supervised.main(["--config", "configs/tiny.yaml", "--data", str(tiny_phantom),
                            "--out_dir", "run", "--epochs", "1"])
     capsys.readouterr()
-    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none"])
     out = capsys.readouterr().out
     scores = json.loads((workdir / "run" / "scores.json").read_text())
     assert f"scores {workdir / 'run' / 'scores.json'}" in out.splitlines()[-1]
