@@ -38,6 +38,12 @@ def readme_commands():
     return commands
 
 
+# `python -m` modules of the README: the module and the first function that does work once the
+# arguments are parsed
+MODULES = {"dataloaders.phantom": (phantom, "generate_phantom"),
+           "utils.metrics": (metrics, "read_label_csv"), "utils.runs": (runs, "find_runs")}
+
+
 class Parsed(Exception):
     """Raised by a stand-in for the work a command would do once its arguments are parsed."""
 
@@ -57,20 +63,11 @@ def parse(command, monkeypatch):
         words = ["python"] + words[next(i for i, w in enumerate(words) if w.endswith(".py")):]
     if words[1:3] == ["-m", "pytest"]:
         return
-    if words[1:3] == ["-m", "dataloaders.phantom"]:
-        monkeypatch.setattr(phantom, "generate_phantom", stopped(phantom.generate_phantom))
+    if words[1] == "-m":
+        module, first_work = MODULES[words[2]]
+        monkeypatch.setattr(module, first_work, stopped(getattr(module, first_work)))
         with pytest.raises(Parsed):
-            phantom.main(words[3:])
-        return
-    if words[1:3] == ["-m", "utils.metrics"]:
-        monkeypatch.setattr(metrics, "read_label_csv", stopped(metrics.read_label_csv))
-        with pytest.raises(Parsed):
-            metrics.main(words[3:])
-        return
-    if words[1:3] == ["-m", "utils.runs"]:
-        monkeypatch.setattr(runs, "find_runs", stopped(runs.find_runs))
-        with pytest.raises(Parsed):
-            runs.main(words[3:])
+            module.main(words[3:])
         return
     if words[1] == "bench.py":
         bench.parse_arguments(words[2:])
