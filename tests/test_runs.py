@@ -189,3 +189,14 @@ def test_test_py_writes_scores_json(workdir, tiny_phantom, capsys):
     out = run_main(capsys, [str(workdir / "run")])
     row = out.splitlines()[1].split()
     assert row[0] == "run" and f"{test['dice']:.4f}" in row and f"{test['rand']:.4f}" in row
+
+
+def test_one_data_folder_spelled_two_ways_is_one_setting(tmp_path, monkeypatch, capsys):
+    (tmp_path / "ct").mkdir()
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path, "a-s0", 0, test_dice=0.30, data="ct")
+    make_run(tmp_path, "a-s1", 1, test_dice=0.40, data=str(tmp_path / "ct"))
+    make_run(tmp_path, "b-s0", 0, test_dice=0.50, data="ct", loss="dice_ce")
+    runs_module.main([str(tmp_path / "a-s0"), str(tmp_path / "a-s1"), str(tmp_path / "b-s0")])
+    out = capsys.readouterr().out
+    assert "  loss=dice: n 2, mean 0.3500" in out and "data=" not in out

@@ -89,6 +89,9 @@ def load_run(path):
     for key in ("dice", "rand", "fg_pred", "fg_true"):
         if not isinstance(test.get(key), (int, float, type(None))) or isinstance(test.get(key), bool):
             raise InputError(f"{scores_path}: test {key} must be a number or null, got {test[key]!r}")
+    if isinstance(config.get("data"), str) and Path(config["data"]).exists():
+        # one folder spelled two ways (relative, absolute) is one setting
+        config["data"] = str(Path(config["data"]).resolve())
     return {"name": path.name or path.resolve().name, "config": flatten(config), "log": log,
             "scores": scores}
 
