@@ -154,6 +154,7 @@ class TrainingRun:
         self.model_name, self.model_kwargs = model_name, model_kwargs
         self.data, self.split, self.norm = data, split, norm
         self.validate_weights = validate_weights
+        self.validated = len(split.val) > 0  # labeled_ratio 1: no validation split, best = last
         self.facts = data_facts(cfg, data, split, norm)
         self.history, self.best_score, self.bad_evaluations = [], -math.inf, 0
         self.start_epoch, self.iteration, self.started = 0, 0, time.time()
@@ -250,13 +251,13 @@ class TrainingRun:
             return None
         losses = self.check_finite()
         scores = shared = None
-        if not len(self.split.val):  # labeled_ratio 1: nothing to score
+        if not self.validated:  # labeled_ratio 1: nothing to score
             scores = {"per_class_dice": None, "areas": None, "predictions": None}
         elif distributed.is_main():  # one validation; its predictions (for the plots) stay here
             scores = evaluate(self.modules[self.validate_weights], self.data, self.split.val, cfg,
                               self.norm, self.device)
             shared = {k: v for k, v in scores.items() if k != "predictions"}
-        if len(self.split.val):
+        if self.validated:
             shared = distributed.broadcast_object(shared)  # every rank applies the same scores
             scores = scores if scores is not None else shared
         # the learning rate the epoch trained with, before a plateau schedule reacts to the scores
@@ -270,12 +271,11 @@ class TrainingRun:
         """After `validate`: log one line, save last.pth (and best.pth when the selected score
         improved), redraw the plots and decide early stopping."""
         cfg, record = self.cfg, self._pending
-        validated = len(self.split.val) > 0
-        score = scores[f"val_{cfg.select_metric}"] if validated else math.nan
-        improved = score > self.best_score or not validated  # no validation: best = last
-        if improved and validated:
+        score = scores[f"val_{cfg.select_metric}"] if self.validated else math.nan
+        improved = score > self.best_score or not self.validated  # no validation: best = last
+        if improved and self.validated:
             self.best_score, self.bad_evaluations = score, 0
-        elif validated:
+        elif self.validated:
             self.bad_evaluations += 1
         record["step_seconds"] = round(self.step_seconds, 1)
         self.history.append(record)
@@ -331,7 +331,7 @@ class TrainingRun:
         read next by all of them)."""
         distributed.barrier()
         best, seconds = self.dir / "best.pth", time.time() - self.started
-        chosen = (f"best {self.cfg.select_metric} {self.best_score:.4f}" if len(self.split.val)
+        chosen = (f"best {self.cfg.select_metric} {self.best_score:.4f}" if self.validated
                   else "no validation split, best.pth is the last checkpoint")
         print(f"Done in {seconds:.0f} s ({self.step_seconds / max(seconds, 1e-9):.0%} in training "
               f"steps): {chosen}; checkpoints, log and plots in {self.dir}/. "
