@@ -14,6 +14,7 @@ import test as test_script
 import train_supervised
 import train_teacher_student
 import train_unimatch
+from conftest import training_config
 from dataloaders import phantom
 from dataloaders.challenge import load_challenge
 from utils import runtime
@@ -21,7 +22,7 @@ from utils.builders import supervised_targets
 from utils.checkpoint import load_checkpoint
 from utils.errors import run_cli
 from utils.inference import Member, predict_ensemble, predict_slices
-from utils.losses import IGNORE_INDEX
+from utils.losses import IGNORE_INDEX, build_loss, instance_zero_pixel_loss
 from utils.metrics import rand_index
 
 TINY = ["--config", "configs/tiny.yaml", "--label_mode", "instance"]
@@ -118,6 +119,29 @@ def test_supervised_targets_turn_ids_into_three_classes_and_ignore_uncertain_zer
     assert supervised_targets(batch, cfg) is batch
 
 
+def test_the_instance_zero_pixel_term_lets_any_zero_pixel_be_an_unsegmented_structure():
+    # one slice of 4 pixels: certain background (0), uncertain (IGNORE), interior, and an uncertain
+    # pixel the caller excludes; probabilities (background, interior, boundary) chosen by hand
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]])
+    logits = torch.tensor(np.log(probabilities).T.reshape(1, 3, 1, 4), dtype=torch.float32)
+    target = torch.tensor([[[0, IGNORE_INDEX, 1, IGNORE_INDEX]]])
+    excluded = torch.tensor([[[False, False, False, True]]])
+    rate = 0.9
+    # -log(p_background + (1 - r)(p_interior + p_boundary)) on the first two pixels only, although
+    # the slice holds a labelled interior (in class mode that class would count as annotated)
+    expected = -(np.log(0.7 + 0.1 * 0.3) + np.log(0.1 + 0.1 * 0.9)) / 2
+    got = instance_zero_pixel_loss(logits, target, excluded, annotation_rate=rate)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # the training loss uses it as its zero-pixel term in instance mode (weight 0.5 here)
+    cfg = training_config(label_mode="instance", num_classes=3, zero_ce_weight=0.5,
+                          annotation_rate=rate)
+    terms = build_loss(cfg).terms(logits, target, ignore=excluded)
+    assert terms["zero_ce"].item() == pytest.approx(0.5 * expected, rel=1e-5)
+    # rate 1: plain cross-entropy toward background on those pixels
+    got = instance_zero_pixel_loss(logits, target, excluded, annotation_rate=1.0)
+    assert got.item() == pytest.approx(-(np.log(0.7) + np.log(0.1)) / 2, rel=1e-5)
+
+
 # ==== the three scripts in instance mode, scored by test.py ====
 @pytest.fixture(scope="module")
 def instance_data(tmp_path_factory):
@@ -186,6 +210,7 @@ def one_line_error(capsys, main, argv):
     (["--loss", "tvmf_dice"], "error: loss: tvmf_dice sets its per-class κ"),
     (["--area_weight", "0.1"], "error: area_weight, pseudo_area_filter: class area bounds"),
     (["--select_metric", "dice"], "error: select_metric: instance mode selects by the Rand"),
+    (["--zero_ce_presence"], "error: zero_ce_presence: weighs organ classes"),
     (["--label_mode", "ids"], "error: label_mode: unknown 'ids' (choose class or instance)"),
 ])
 def test_options_that_read_classes_are_refused_in_instance_mode(flags, message, instance_data,

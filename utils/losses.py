@@ -367,6 +367,24 @@ def zero_pixel_loss(logits, target, annotated=None, ignore=None, annotation_rate
     return _masked_mean(-log_likelihood, valid & (target == 0))
 
 
+def instance_zero_pixel_loss(logits, target, ignore=None, annotation_rate=1.0):
+    """The zero-pixel term of instance mode (#150: background / interior / boundary targets).
+
+    A structure id says nothing about the other structures of its slice, so no structure class is
+    ever complete there: every 0-pixel is background or, with probability 1 − r, part of an
+    unsegmented structure, whatever else the slice shows. That is `zero_pixel_loss` with only the
+    background annotated, on the pixels `target` marks 0 (certain background) or IGNORE_INDEX (the
+    uncertain 0-pixels of `utils.builders.supervised_targets`), except those in `ignore`. Without
+    it nothing inside the body pushes toward background, and one structure floods the body
+    (docs/experiments.md, "Instance mode on real CT"). Returns a scalar ≥ 0.
+    """
+    zero = (target == 0) | (target == IGNORE_INDEX)
+    if ignore is not None:
+        zero = zero & ~ignore.bool()
+    return zero_pixel_loss(logits, torch.zeros_like(target), ignore=~zero,
+                           annotation_rate=annotation_rate)
+
+
 # ---------------------------------------------------------------- the edge loss (networks/edge.py)
 def edge_targets(mask: torch.Tensor, known: torch.Tensor = None):
     """Boundary map of a label map and where it can be trusted.
@@ -419,6 +437,7 @@ class LossOptions:
     name: str
     marginal: bool
     partial_labels: bool            # edge term: a 0-pixel is sure background only where certain
+    instance: bool                  # label_mode instance: the zero-pixel term of `instance_zero_pixel_loss`
     dice_include_background: bool   # dice_loss's options (`dice_options`)
     dice_squared: bool
     dice_smooth: float
@@ -439,7 +458,7 @@ class LossOptions:
             "annotation_rate", "area_weight", "edge_weight")}
         return cls(name=cfg.loss.removeprefix("marginal_"),
                    marginal=cfg.loss.startswith("marginal_") or bool(cfg.partial_labels),
-                   partial_labels=bool(cfg.partial_labels),
+                   partial_labels=bool(cfg.partial_labels), instance=cfg.label_mode == "instance",
                    dice_include_background=bool(cfg.dice_include_background),
                    dice_squared=bool(cfg.dice_squared), **floats)
 
@@ -522,9 +541,10 @@ class SupervisedLoss(nn.Module):
             terms["background_ce"] = options.background_ce_weight * cross_entropy(logits, background, excluded)
         if options.marginal and options.zero_ce_weight > 0:
             # the marginal losses never prefer background inside the body: the annotation model does
-            terms["zero_ce"] = options.zero_ce_weight * zero_pixel_loss(logits, target, annotated, ignore,
-                                                                        options.annotation_rate,
-                                                                        self.zero_class_weights)
+            terms["zero_ce"] = options.zero_ce_weight * (
+                instance_zero_pixel_loss(logits, target, ignore, options.annotation_rate) if options.instance
+                else zero_pixel_loss(logits, target, annotated, ignore, options.annotation_rate,
+                                     self.zero_class_weights))
         if self.area_bounds is not None:
             terms["area"] = options.area_weight * area_constraint_loss(logits, self.area_bounds, ignore)
         if edge_logits is not None:
@@ -553,9 +573,10 @@ def build_loss(cfg, area_bounds=None, annotation_frequency=None):
     their marginal versions and marginalises tvmf_dice over unannotated classes), dice_squared,
     dice_include_background, dice_smooth, tvmf_lambda, exclusion_weight, background_ce_weight,
     zero_ce_weight and annotation_rate (with marginal losses, that weight × `zero_pixel_loss` on
-    every 0-pixel), zero_ce_presence (that term per class, which needs `annotation_frequency
-    (C,)` from `priors.labeled_annotation_frequency`), area_weight (the area constraint, which
-    needs `area_bounds (C,)` from `priors.labeled_area_bounds`), edge_weight (the edge term).
+    every 0-pixel; label_mode instance: `instance_zero_pixel_loss`), zero_ce_presence (that term
+    per class, which needs `annotation_frequency (C,)` from `priors.labeled_annotation_frequency`),
+    area_weight (the area constraint, which needs `area_bounds (C,)` from
+    `priors.labeled_area_bounds`), edge_weight (the edge term).
     """
     options = LossOptions.from_config(cfg)
     num_classes = cfg.num_classes

@@ -170,6 +170,9 @@ def check_label_mode_options(cfg):
     if cfg.area_weight > 0 or cfg.pseudo_area_filter:
         raise InputError("area_weight, pseudo_area_filter: class area bounds mean nothing for "
                          "per-image structure ids (instance mode)")
+    if cfg.zero_ce_presence:
+        raise InputError("zero_ce_presence: weighs organ classes by how often they are annotated; "
+                         "instance mode has no organ classes")
     if cfg.select_metric != "rand" and "select_metric" in cfg.get("_overrides", ()):
         raise InputError(f"select_metric: instance mode selects by the Rand index of the "
                          f"structures ('{cfg.select_metric}' is a class score)")
