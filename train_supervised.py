@@ -39,8 +39,7 @@ def train(cfg):
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
     area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     loss_fn = build_loss(cfg, area_bounds, annotation_frequency).to(device)
-    optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
-                                                      cfg.epochs * iterations, device)
+    optimizer, scheduler, scaler = build_optimisation(cfg, model, cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "supervised", model_name, model_kwargs,
                       {"model": model, "loss": loss_fn, "optimizer": optimizer,
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)

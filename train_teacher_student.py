@@ -421,8 +421,7 @@ def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_fr
     if cfg.mode == "bcp":
         static_teacher = modules["static_teacher"] = copy.deepcopy(teacher)
     loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
-    optimizer, scheduler, scaler = build_optimisation(
-        cfg, [p for p in student.parameters() if p.requires_grad], cfg.epochs * sets.iterations, device)
+    optimizer, scheduler, scaler = build_optimisation(cfg, student, cfg.epochs * sets.iterations, device)
     if from_teacher:
         continue_teacher_optimizer(optimizer, sets.teacher.path, sets.teacher.weights)
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,

@@ -116,8 +116,7 @@ def main(argv=None):
     area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
     loss_stream = build_stream_loss(cfg.stream_loss, cfg)
-    optimizer, scheduler, scaler = build_optimisation(cfg, model.parameters(),
-                                                      cfg.epochs * iterations, device)
+    optimizer, scheduler, scaler = build_optimisation(cfg, model, cfg.epochs * iterations, device)
     run = TrainingRun(cfg, "unimatch", model_name, model_kwargs,
                       {"model": model, "loss": loss_sup, "optimizer": optimizer,
                        "scheduler": scheduler, "scaler": scaler}, data, split, norm, device)

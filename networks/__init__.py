@@ -12,6 +12,7 @@ import inspect
 from functools import partial
 
 from networks.attunet import AttUNet
+from networks.dinov2 import DINOv2DPT
 from networks.edge import EdgeGuided
 from networks.perturb import forward_with_feature_perturbation
 from networks.pretrained import load_pretrained_encoder
@@ -26,6 +27,9 @@ MODELS = {
     "segformer_b3": partial(SegFormer, variant="b3"),
     "segformer_b4": partial(SegFormer, variant="b4"),
     "segformer_b5": partial(SegFormer, variant="b5"),
+    "dinov2_s": partial(DINOv2DPT, variant="s"),
+    "dinov2_b": partial(DINOv2DPT, variant="b"),
+    "dinov2_l": partial(DINOv2DPT, variant="l"),
 }
 
 
@@ -43,7 +47,8 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 55, pretrain
     """Build a registered network on the CPU (move it with .to(device)).
 
     name: one of MODELS; kwargs: the model's options (attunet: base, dropout; segformer_*:
-    drop_path_rate, dropout); pretrained: path of a MiT encoder checkpoint (SegFormer only, see
+    drop_path_rate, dropout; dinov2_*: registers, drop_path_rate, dropout); pretrained: path of
+    an encoder checkpoint, MiT weights for segformer_* and DINOv2 weights for dinov2_* (see
     networks/pretrained.py); edge_guided: wrap the network with an edge branch (networks/edge.py).
     Unknown names or options raise InputError.
     """
@@ -65,5 +70,5 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 55, pretrain
     return model
 
 
-__all__ = ["MODELS", "AttUNet", "SegFormer", "build_model", "model_options",
+__all__ = ["MODELS", "AttUNet", "DINOv2DPT", "SegFormer", "build_model", "model_options",
            "forward_with_feature_perturbation", "load_pretrained_encoder"]

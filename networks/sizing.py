@@ -1,8 +1,8 @@
 """The input-size rule shared by every network: pad up to a multiple of the total stride, crop back.
 
-Both networks downsample by powers of two (AttUNet by 16, SegFormer by 32). Instead of rejecting
-sizes such as 250, `encode` pads the image at the bottom and right up to the next multiple and
-`decode` crops the logits back, so logits always come out at the input resolution and the pixel
+AttUNet downsamples by 16, SegFormer by 32, the DINOv2 ViTs cut 14×14 patches. Instead of
+rejecting sizes such as 250, `encode` pads the image at the bottom and right up to the next
+multiple and `decode` crops the logits back, so logits always come out at the input resolution and the pixel
 grid stays aligned with the strided features (no fractional resize). Padding replicates the border
 pixels: the border of a CT slice is air, so this continues it, whereas zero padding would paint a
 mid-grey band once intensities are normalised, and reflection fails when the pad exceeds the image.

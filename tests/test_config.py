@@ -141,7 +141,8 @@ def test_help_prints_the_docstring_commands_line_by_line(script, capsys):
 
 
 # ==== checked once, then frozen ====
-MODEL_NAMES = "attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5"
+MODEL_NAMES = ("attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5, "
+               "dinov2_s, dinov2_b, dinov2_l")
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -175,6 +176,14 @@ MODEL_NAMES = "attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3, 
     ("supervised", ["--label_mode", "instance", "--area_weight", "0.1"],
      "area_weight, pseudo_area_filter: class area bounds mean nothing for per-image structure ids "
      "(instance mode)"),
+    ("supervised", ["--encoder_lr_scale", "0"], "encoder_lr_scale: must be > 0, got 0"),
+    ("unimatch", ["--layer_decay", "1.5"], "layer_decay: must be in (0, 1], got 1.5"),
+    ("supervised", ["--model", "segformer_b0", "--layer_decay", "0.75"],
+     "layer_decay: needs a network with numbered encoder layers (dinov2_s, dinov2_b, dinov2_l), "
+     "not segformer_b0"),
+    ("teacher_student", ["--model", "dinov2_s", "--edge_guided"],
+     "edge_guided: the edge branch reads stride-4 features, and every map of dinov2_s is at "
+     "stride 14; use attunet or segformer_*"),
     ("supervised", ["--set", "model_kwargs.attunet.depth=3"],
      "model_kwargs.attunet: unknown option(s) depth (options: base, dropout)"),
     ("teacher_student", ["--mode", "bcp", "--static_every", "0"],

@@ -168,7 +168,8 @@ def test_feature_perturbation_helper(name):
 
 # ---------------------------------------------------------------- registry and errors
 def test_registry_names_and_errors():
-    assert set(MODELS) == {"attunet"} | {f"segformer_b{i}" for i in range(6)}
+    assert set(MODELS) == ({"attunet"} | {f"segformer_b{i}" for i in range(6)}
+                           | {f"dinov2_{size}" for size in "sbl"})
     with pytest.raises(InputError, match="attunet, segformer_b0.*segformer_b5"):
         build_model("unet")
     with pytest.raises(InputError, match="unknown option.*depth.*valid options: base, dropout"):

@@ -49,8 +49,9 @@ def supervised_targets(batch, cfg):
 
 
 def network_family(name):
-    """The `model_kwargs` key of a registered network: 'segformer' for every segformer_b*."""
-    return "segformer" if name.startswith("segformer") else name
+    """The `model_kwargs` key of a registered network: 'segformer' for every segformer_b*,
+    'dinov2' for every dinov2_*."""
+    return next((family for family in ("segformer", "dinov2") if name.startswith(family)), name)
 
 
 def model_config(cfg, data):

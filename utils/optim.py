@@ -1,6 +1,7 @@
-"""Optimisation shared by the training scripts: AdamW, the learning-rate schedule, mixed precision
-and the backward/clip/step of one iteration. Which schedule steps when is the script's decision:
-`poly` after every optimiser step, `plateau` on the validation score after each evaluation.
+"""Optimisation shared by the training scripts: AdamW with its parameter groups (a lower encoder
+learning rate, layer-wise decay), the learning-rate schedule, mixed precision and the
+backward/clip/step of one iteration. Which schedule steps when is the script's decision: `poly`
+after every optimiser step, `plateau` on the validation score after each evaluation.
 """
 from contextlib import nullcontext
 
@@ -11,8 +12,38 @@ SCHEDULERS = ("plateau", "poly")
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def build_optimizer(cfg, parameters):
-    return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def learning_rate_scales(cfg, model):
+    """{parameter: factor of `lr`} for the trainable parameters of `model`.
+
+    Everything outside `model.encoder` (the decoder, the classifier, an edge branch) trains at
+    `lr`. The encoder trains at `lr × encoder_lr_scale`: a pretrained encoder moved at the decoder's
+    pace forgets what it brought (UniMatch V2, Yang et al. 2025, trains its DINOv2 encoder 40×
+    slower than its head). With `layer_decay` < 1, encoder layer l of L (0: the embeddings, L + 1:
+    the final norm; the network's `encoder.layer_of`) gets a further `layer_decay^(L + 1 − l)`:
+    the layers nearest the input, the most generic, change least (layer-wise learning-rate decay,
+    Clark et al. 2020, as in BEiT and DINOv2 fine-tuning). Both are 1 by default: one learning rate.
+    """
+    encoder = model.encoder
+    scales = {}
+    for name, parameter in encoder.named_parameters():
+        scale = cfg.encoder_lr_scale
+        if cfg.layer_decay != 1:
+            scale *= cfg.layer_decay ** (encoder.depth + 1 - encoder.layer_of(name))
+        scales[parameter] = scale
+    return {parameter: scales.get(parameter, 1.0) for parameter in model.parameters()
+            if parameter.requires_grad}
+
+
+def build_optimizer(cfg, model):
+    """AdamW over the trainable parameters of `model`, one parameter group per learning rate
+    (`learning_rate_scales`), the group at `lr` first (the one the logs report)."""
+    groups = {}
+    for parameter, scale in learning_rate_scales(cfg, model).items():
+        groups.setdefault(scale, []).append(parameter)
+    ordered = sorted(groups.items(), key=lambda item: -item[0])
+    return torch.optim.AdamW([{"params": parameters, "lr": cfg.lr * scale}
+                              for scale, parameters in ordered],
+                             lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(cfg, optimizer, total_iterations):
@@ -24,9 +55,9 @@ def build_scheduler(cfg, optimizer, total_iterations):
         optimizer, lambda step: max(0.0, 1 - step / total_iterations) ** cfg.poly_power)
 
 
-def build_optimisation(cfg, parameters, total_iterations, device):
-    """(AdamW, its schedule, the AMP GradScaler) for the trainable `parameters`."""
-    optimizer = build_optimizer(cfg, parameters)
+def build_optimisation(cfg, model, total_iterations, device):
+    """(AdamW, its schedule, the AMP GradScaler) for the trainable parameters of `model`."""
+    optimizer = build_optimizer(cfg, model)
     return optimizer, build_scheduler(cfg, optimizer, total_iterations), make_scaler(device, cfg)
 
 

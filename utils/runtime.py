@@ -140,6 +140,7 @@ def check_config(cfg, script):
     check_label_mode_options(cfg)
     check_validation_options(cfg)
     check_network_options(cfg.model_kwargs)
+    check_network_combinations(cfg)
     if script == "unimatch":
         check_unimatch_options(cfg)
     elif script == "teacher_student":
@@ -152,6 +153,23 @@ def check_choices(cfg, flags=False):
     for key, (values, message) in CHOICES.items():
         if key in cfg and cfg[key] not in values:
             raise InputError(message.format(key=f"--{key}" if flags else key, value=cfg[key]))
+
+
+def check_network_combinations(cfg):
+    """`encoder_lr_scale` > 0; `layer_decay` in (0, 1], below 1 only for a network that numbers
+    its encoder layers (`encoder.layer_of`: the DINOv2 ViTs); `edge_guided` only for networks with
+    stride-4 features (networks/edge.py)."""
+    if not cfg.encoder_lr_scale > 0:
+        raise InputError(f"encoder_lr_scale: must be > 0, got {cfg.encoder_lr_scale}")
+    if not 0 < cfg.layer_decay <= 1:
+        raise InputError(f"layer_decay: must be in (0, 1], got {cfg.layer_decay}")
+    numbered = [name for name in MODELS if network_family(name) == "dinov2"]
+    if cfg.layer_decay != 1 and cfg.model not in numbered:
+        raise InputError(f"layer_decay: needs a network with numbered encoder layers "
+                         f"({', '.join(numbered)}), not {cfg.model}")
+    if cfg.edge_guided and cfg.model in numbered:
+        raise InputError(f"edge_guided: the edge branch reads stride-4 features, and every map of "
+                         f"{cfg.model} is at stride 14; use attunet or segformer_*")
 
 
 def check_label_mode_options(cfg):

@@ -117,10 +117,19 @@ def sigmoid_rampup(t):
 
 def freeze_encoder_stages(model, count):
     """Freeze the first `count` encoder stages for fine-tuning: AttUNet's encoder blocks,
-    SegFormer's stages (patch embedding, transformer blocks, norm). Only the weights freeze:
-    BatchNorm running statistics still follow the data. Pass only the parameters that still
-    require gradients to the optimiser."""
-    stages = getattr(model.encoder, "stages", model.encoder)
+    SegFormer's stages (patch embedding, transformer blocks, norm), a DINOv2 ViT's embeddings and
+    first `count` blocks. Only the weights freeze: BatchNorm running statistics still follow the
+    data. Pass only the parameters that still require gradients to the optimiser."""
+    encoder = model.encoder
+    if hasattr(encoder, "layer_of"):  # a plain ViT has one stage per block (networks/dinov2.py)
+        if not 0 <= count <= encoder.depth:
+            raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {encoder.depth} "
+                             "(the transformer blocks of this network)")
+        for name, parameter in encoder.named_parameters():
+            if count and encoder.layer_of(name) <= count:
+                parameter.requires_grad_(False)
+        return
+    stages = getattr(encoder, "stages", encoder)
     if not 0 <= count <= len(stages):
         raise InputError(f"freeze_encoder_stages: {count} is not between 0 and {len(stages)} "
                          "(the encoder stages of this network)")
