@@ -369,7 +369,7 @@ def bench_loading(report, quick=False):
 
 
 # ==== networks ====
-BENCH_MODELS = [("attunet", {"base": 16}), ("attunet", {"base": 64}), ("segformer_b0", {})]
+BENCH_MODELS = [("attunet", {"base": 16}), ("attunet", {"base": 64}), ("segformer_b0", {}), ("dinov2_s", {})]
 
 
 def _synchronize(device):
