@@ -10,8 +10,8 @@ Segmentation", CVPR 2023.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w` weak view of an unlabeled slice, `img_u_s1`/`img_u_s2`
 its two strong views (same geometry, independent intensity perturbations, each CutMixed with a
-partner slice `*_mix`: the next slice of the same batch with `mix_source: batch`, the default, or
-a slice of a second unlabeled batch with `loader`, as the authors); `conf_u_w` confidence of the
+partner slice `*_mix`: a slice of a second unlabeled batch with `mix_source: loader`, the default,
+as the authors, or the next slice of the same batch with `batch`); `conf_u_w` confidence of the
 prediction on `img_u_w`.
 Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
 supervises the two strong views and a feature-perturbed decoding of the weak view.

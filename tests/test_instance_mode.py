@@ -20,6 +20,7 @@ from dataloaders.challenge import load_challenge
 from utils import runtime
 from utils.builders import supervised_targets
 from utils.checkpoint import load_checkpoint
+from utils.config import load_config
 from utils.errors import run_cli
 from utils.inference import Member, predict_ensemble, predict_slices
 from utils.losses import IGNORE_INDEX, build_loss, instance_zero_pixel_loss
@@ -140,6 +141,16 @@ def test_the_instance_zero_pixel_term_lets_any_zero_pixel_be_an_unsegmented_stru
     # rate 1: plain cross-entropy toward background on those pixels
     got = instance_zero_pixel_loss(logits, target, excluded, annotation_rate=1.0)
     assert got.item() == pytest.approx(-(np.log(0.7) + np.log(0.1)) / 2, rel=1e-5)
+
+
+def test_instance_mode_trains_without_the_zero_pixel_term_unless_it_is_given(capsys):
+    default = load_config("supervised", [])["zero_ce_weight"]
+    assert default > 0
+    assert runtime.zero_pixel_weight(load_config("supervised", ["--label_mode", "instance"])) == 0
+    assert f"no zero-pixel term (zero_ce_weight 0, not {default}" in capsys.readouterr().out
+    given = load_config("supervised", ["--label_mode", "instance", "--zero_ce_weight", "0.3"])
+    assert runtime.zero_pixel_weight(given) == 0.3
+    assert runtime.zero_pixel_weight(load_config("supervised", [])) == default  # class mode
 
 
 # ==== the three scripts in instance mode, scored by test.py ====

@@ -374,9 +374,10 @@ def instance_zero_pixel_loss(logits, target, ignore=None, annotation_rate=1.0):
     ever complete there: every 0-pixel is background or, with probability 1 − r, part of an
     unsegmented structure, whatever else the slice shows. That is `zero_pixel_loss` with only the
     background annotated, on the pixels `target` marks 0 (certain background) or IGNORE_INDEX (the
-    uncertain 0-pixels of `utils.builders.supervised_targets`), except those in `ignore`. Without
-    it nothing inside the body pushes toward background, and one structure floods the body
-    (docs/experiments.md, "Instance mode on real CT"). Returns a scalar ≥ 0.
+    uncertain 0-pixels of `utils.builders.supervised_targets`), except those in `ignore`. Off
+    unless `zero_ce_weight` is given (`utils.runtime.zero_pixel_weight`): on real CT it brought the
+    predicted foreground near the truth but lowered the Rand index, which reads only the true
+    structures' pixels (docs/experiments.md, "Instance mode on real CT"). Returns a scalar ≥ 0.
     """
     zero = (target == 0) | (target == IGNORE_INDEX)
     if ignore is not None:

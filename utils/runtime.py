@@ -7,6 +7,7 @@ script's config, checks it, completes it and freezes it (`utils.config.Config.fr
 checks and freezes its own the same way. The values derived from a config are computed in
 `setup`, before the freeze, and stored under the config's own keys — nowhere else:
 - `select_metric`: `rand` in instance mode (`selection_metric`);
+- `zero_ce_weight`: 0 in instance mode unless given (`zero_pixel_weight`);
 - `data`: the built-in phantom's folder when `data/` holds no challenge files;
 - `num_classes`: the data's (the ids of its `classes.yaml`; instance mode's 3 targets);
 - what the script's `derive` returns (train_teacher_student.py: `out_dir`, the run directory
@@ -63,6 +64,7 @@ def setup(script, argv, description, derive=None):
     distributed.print_from_main_only()
     check_config(cfg, script)
     cfg.select_metric = selection_metric(cfg)
+    cfg.zero_ce_weight = zero_pixel_weight(cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
@@ -81,6 +83,18 @@ def setup(script, argv, description, derive=None):
     cfg.freeze()
     print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
     return cfg
+
+
+def zero_pixel_weight(cfg):
+    """`zero_ce_weight`, but 0 in instance mode unless given explicitly, with a note: there the
+    Rand index reads only the true structures' pixels, and pushing uncertain 0-pixels toward
+    background cost 0.04–0.07 of it on real CT (docs/experiments.md, "Instance mode on real CT")."""
+    if cfg.label_mode != "instance" or "zero_ce_weight" in cfg.get("_overrides", ()) \
+            or cfg.zero_ce_weight == 0:
+        return cfg.zero_ce_weight
+    print(f"note: instance mode: no zero-pixel term (zero_ce_weight 0, not {cfg.zero_ce_weight}; "
+          f"set it to use one)")
+    return 0.0
 
 
 def preset_name(cfg):
