@@ -3,6 +3,7 @@
     python bench.py                 # everything at full size (takes several minutes on a CPU)
     python bench.py --quick         # tiny sizes: checks that every entry runs
     python bench.py --only csv metrics
+    python bench.py --only networks --networks segformer_b0 dinov2_s
 
 Entries: `csv` (label CSV parse vs numpy.loadtxt, peak memory, cached load), `metrics` (Rand
 index and per-class Dice vs per-image implementations), `pipeline` (samples/s of the labeled,
@@ -412,8 +413,9 @@ def _counted_flops(function):
     return counter.get_total_flops()
 
 
-def bench_networks(report, size=256, batch=8, quick=False):
-    """report(name, value_str) prints one line. quick=True: tiny sizes, for a smoke test."""
+def bench_networks(report, size=256, batch=8, quick=False, names=None):
+    """report(name, value_str) prints one line. quick=True: tiny sizes, for a smoke test;
+    names: only these networks of BENCH_MODELS (None: all)."""
     if quick:
         size, batch = 64, 2
     min_seconds, min_calls = (0.1, 1) if quick else (2.0, 3)
@@ -431,6 +433,8 @@ def bench_networks(report, size=256, batch=8, quick=False):
         return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     for name, options in BENCH_MODELS:
+        if names and name not in names:
+            continue
         label = name + "".join(f" {key}={value}" for key, value in options.items())
         torch.manual_seed(0)
         model = build_model(name, in_channels=1, num_classes=num_classes, **options).to(device)
@@ -671,6 +675,8 @@ def parse_arguments(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check every entry runs")
     parser.add_argument("--only", nargs="+", choices=ENTRIES, default=ENTRIES)
+    parser.add_argument("--networks", nargs="+", choices=sorted({name for name, _ in BENCH_MODELS}),
+                        help="the networks entry measures only these (default: all)")
     return parser.parse_args(argv)
 
 
@@ -689,7 +695,7 @@ def main(argv=None):
     if "loading" in args.only:
         bench_loading(report, quick=args.quick)
     if "networks" in args.only:
-        bench_networks(report, quick=args.quick)
+        bench_networks(report, quick=args.quick, names=args.networks)
     if "gpu_options" in args.only:
         bench_gpu_options(report, quick=args.quick)
     if "unimatch" in args.only:
