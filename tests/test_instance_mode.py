@@ -153,16 +153,6 @@ def test_instance_mode_trains_without_the_zero_pixel_term_unless_it_is_given(cap
     assert runtime.zero_pixel_weight(load_config("supervised", [])) == default  # class mode
 
 
-def test_instance_mode_trains_attunet_unless_a_network_is_given(capsys):
-    default = load_config("supervised", [])["model"]
-    assert default == "segformer_b0"
-    assert runtime.network_for_label_mode(load_config("supervised", ["--label_mode", "instance"])) == "attunet"
-    assert "model attunet (not segformer_b0" in capsys.readouterr().out
-    given = load_config("supervised", ["--label_mode", "instance", "--model", "segformer_b0"])
-    assert runtime.network_for_label_mode(given) == "segformer_b0"
-    assert runtime.network_for_label_mode(load_config("supervised", [])) == "segformer_b0"
-
-
 # ==== the three scripts in instance mode, scored by test.py ====
 @pytest.fixture(scope="module")
 def instance_data(tmp_path_factory):

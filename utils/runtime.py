@@ -8,7 +8,6 @@ checks and freezes its own the same way. The values derived from a config are co
 `setup`, before the freeze, and stored under the config's own keys — nowhere else:
 - `select_metric`: `rand` in instance mode (`selection_metric`);
 - `zero_ce_weight`: 0 in instance mode unless given (`zero_pixel_weight`);
-- `model`: attunet in instance mode unless given (`network_for_label_mode`);
 - `data`: the built-in phantom's folder when `data/` holds no challenge files;
 - `num_classes`: the data's (the ids of its `classes.yaml`; instance mode's 3 targets);
 - what the script's `derive` returns (train_teacher_student.py: `out_dir`, the run directory
@@ -29,7 +28,7 @@ from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
 from networks import MODELS, model_options
 from utils import distributed
 from utils.builders import network_family
-from utils.config import CONFIG_DIR, config_to_yaml, load_config, script_defaults
+from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 from utils.inference import TTA_MODES
 from utils.losses import LOSS_NAMES, STREAM_LOSS_NAMES
@@ -66,7 +65,6 @@ def setup(script, argv, description, derive=None):
     check_config(cfg, script)
     cfg.select_metric = selection_metric(cfg)
     cfg.zero_ce_weight = zero_pixel_weight(cfg)
-    cfg.model = network_for_label_mode(cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
@@ -85,18 +83,6 @@ def setup(script, argv, description, derive=None):
     cfg.freeze()
     print("Config:\n  " + config_to_yaml(cfg).rstrip().replace("\n", "\n  "))
     return cfg
-
-
-def network_for_label_mode(cfg):
-    """`model`, but in instance mode AttUNet in place of the default SegFormer-B0 unless a network
-    is given, with a note: SegFormer's stride-4 logits cannot draw the thin boundaries between
-    touching structures (real CT: Rand index 0.60 against 0.78; docs/experiments.md, "Instance mode
-    on real CT")."""
-    default = script_defaults("default").model
-    if cfg.label_mode != "instance" or "model" in cfg.get("_overrides", ()) or cfg.model != default:
-        return cfg.model
-    print(f"note: instance mode: model attunet (not {default}; set --model to choose)")
-    return "attunet"
 
 
 def zero_pixel_weight(cfg):
