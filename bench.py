@@ -329,7 +329,7 @@ def bench_loading(report, quick=False):
     dataset = LabeledSlices(data, np.arange(len(data.train_images)), size, norm,
                             augment=geometric_augmentation(cfg))
     torch.manual_seed(0)
-    model_kwargs = cfg.model_kwargs["segformer" if cfg.model.startswith("segformer") else cfg.model]
+    model_kwargs = cfg.model_kwargs[network_family(cfg.model)]
     model = build_model(cfg.model, in_channels=1, num_classes=55, **model_kwargs).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 

@@ -13,7 +13,7 @@ from networks import MODELS, build_model, forward_with_feature_perturbation, mod
 from networks.dinov2 import (DINOv2DPT, DINOv2Variant, LayerScale, SelfAttention, ViTBlock,
                              resize_position_grid)
 from networks.pretrained import load_pretrained_encoder, read_safetensors
-from test_networks import write_safetensors  # the tests' folder is on sys.path (pytest's rootdir)
+from test_networks import assert_encoders_reproduce, write_safetensors  # tests/ is on sys.path
 from utils.builders import network_family
 from utils.errors import InputError
 from utils.runtime import check_network_options
@@ -440,13 +440,7 @@ def test_pretrained_loading_reproduces_the_encoder(layout, registers, references
     assert "stem adapted from 3 to 1 input channel(s) by summing" in capsys.readouterr().out
     assert torch.equal(gray.encoder.patch_embed.weight,
                        reference.encoder.patch_embed.weight.sum(1, keepdim=True))
-    rgb_images, gray_images = torch.randn(2, 3, 42, 56), torch.randn(2, 1, 42, 56)
-    with torch.no_grad():
-        for ours, expected in zip(rgb.encode(rgb_images), reference.encode(rgb_images)):
-            assert torch.equal(ours, expected)
-        for ours, expected in zip(gray.encode(gray_images),
-                                  reference.encode(gray_images.expand(-1, 3, -1, -1))):
-            assert torch.allclose(ours, expected, atol=1e-4)
+    assert_encoders_reproduce(rgb, gray, reference, (42, 56))
 
 
 def test_published_size_loads_through_build_model(tmp_path, capsys):

@@ -280,22 +280,26 @@ def write_checkpoint(directory, layout, reference):
     return path
 
 
+def assert_encoders_reproduce(rgb_model, gray_model, reference, size):
+    """The loaded RGB model's encoder features equal the reference's; the gray model on g computes
+    what the reference computes on (g, g, g). size = (H, W) of the random test images."""
+    rgb_images, gray_images = torch.randn(2, 3, *size), torch.randn(2, 1, *size)
+    with torch.no_grad():
+        for ours, expected in zip(rgb_model.encode(rgb_images), reference.encode(rgb_images)):
+            assert torch.equal(ours, expected)
+        for ours, expected in zip(gray_model.encode(gray_images),
+                                  reference.encode(gray_images.expand(-1, 3, -1, -1))):
+            assert torch.allclose(ours, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["nvlabs.pth", "mmseg.pth", "hf.bin", "hf.safetensors"])
 def test_pretrained_loading_reproduces_the_encoder(layout, reference_b0, tmp_path, capsys):
     path = write_checkpoint(tmp_path, layout, reference_b0)
-    rgb_images = torch.randn(2, 3, 32, 32)
-    gray_images = torch.randn(2, 1, 32, 32)
     rgb_model = build_model("segformer_b0", in_channels=3, num_classes=5, pretrained=path).eval()
     assert "pretrained: 176 MiT-B0 encoder tensors" in capsys.readouterr().out
     gray_model = build_model("segformer_b0", in_channels=1, num_classes=5, pretrained=path).eval()
     assert "summing the RGB weights" in capsys.readouterr().out
-    with torch.no_grad():
-        for ours, reference in zip(rgb_model.encode(rgb_images), reference_b0.encode(rgb_images)):
-            assert torch.equal(ours, reference)
-        # a gray model on g computes what the RGB model computes on (g, g, g)
-        for ours, reference in zip(gray_model.encode(gray_images),
-                                   reference_b0.encode(gray_images.expand(-1, 3, -1, -1))):
-            assert torch.allclose(ours, reference, atol=1e-4)
+    assert_encoders_reproduce(rgb_model, gray_model, reference_b0, (32, 32))
 
 
 def test_mismatched_or_broken_checkpoints_raise_input_errors(reference_b0, tmp_path):
