@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from dataloaders.challenge import ChallengeData, load_challenge, make_split, read_image_folder
 from dataloaders.label_csv import read_label_csv, write_label_csv
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import evaluated_weights, load_checkpoint, model_from_checkpoint
 from utils.config import Config, load_config, script_defaults
 from utils.engine import colour_count, score_labels
 from utils.errors import InputError, run_cli
@@ -100,8 +100,7 @@ class Checkpoint:
     def __init__(self, path, weights_choice):
         self.path = path
         self.state = load_checkpoint(path, map_location="cpu")
-        self.weights = weights_choice or ("teacher" if self.state.get("teacher") is not None
-                                          else "student")
+        self.weights = weights_choice or {"teacher": "teacher", "model": "student"}[evaluated_weights(self.state)]
         model = model_from_checkpoint(self.state, "model" if self.weights == "student"
                                       else self.weights, path)
         self.config, self.facts = self.state["config"], self.state["data"]

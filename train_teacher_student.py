@@ -34,8 +34,9 @@ slice is scored with the labels of the slice it came from — ground truth with 
 `annotated` classes and certain background (the marginal loss), or complete pseudo-labels at
 `u_weight` — so an organ left unannotated on one slice is never read as background inside
 another's region.
-Checkpoints: pseudo_label keeps the student; mean_teacher and bcp also the EMA `teacher`, which is
-validated and which test.py uses unless `--weights student`.
+Checkpoints: pseudo_label keeps the student; mean_teacher and bcp also the EMA `teacher`.
+`eval_weights` says which of the two validation scores (picking best.pth) and test.py uses: the
+student by default, since at short budgets the EMA trails a student that still improves.
 """
 import copy
 import json
@@ -55,7 +56,7 @@ from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
                             load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils import distributed
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import evaluated_weights, load_checkpoint, model_from_checkpoint
 from utils.config import Config, script_defaults
 from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
@@ -270,7 +271,7 @@ def prepare_teacher(cfg, device):
         print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
         train_supervised.train(teacher_cfg)
     state = load_checkpoint(path, map_location=device)
-    weights = "teacher" if state.get("teacher") is not None else "model"
+    weights = evaluated_weights(state)
     teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)
     if state["data"]["num_classes"] != cfg.num_classes:
         raise InputError(f"{path}: the teacher predicts {state['data']['num_classes']} classes, "
@@ -427,7 +428,8 @@ def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_fr
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
                       {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
                        "scaler": scaler}, data, split, norm, device,
-                      validate_weights="model" if cfg.mode == "pseudo_label" else "teacher")
+                      validate_weights="teacher" if "teacher" in modules and cfg.eval_weights == "teacher"
+                      else "model")
     if cfg.mode != "pseudo_label":  # the EMA teacher tracks its own BatchNorm statistics
         teacher = OwnStatistics(teacher)
     parts = TeacherStudentParts(

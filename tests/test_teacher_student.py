@@ -592,5 +592,35 @@ def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdi
     capsys.readouterr()
     test_script.main(["--ckpt", str(workdir / "run" / "best.pth"), "--gpu", "-1"])
     out = capsys.readouterr().out
-    weights = "student" if mode == "pseudo_label" else "teacher"
-    assert f"{weights} weights" in out and "per-class Dice" in out
+    assert "student weights" in out and "per-class Dice" in out  # eval_weights: student
+
+
+@pytest.mark.parametrize("eval_weights", ["student", "teacher"])
+def test_eval_weights_is_the_network_validated_and_tested(eval_weights, workdir, tiny_phantom, capsys):
+    """The validation score in the log is the score of the `eval_weights` network (test.py on the
+    validation split with the same settings), which test.py then uses by default; the other
+    network scores differently, so a swap would show."""
+    ts.main(["--config", "configs/tiny.yaml", "--data", str(tiny_phantom), "--out_dir", "run",
+             "--mode", "mean_teacher", "--epochs", "1", "--iters_per_epoch", "4",
+             "--eval_weights", eval_weights])
+    logged = json.loads((workdir / "run" / "log.jsonl").read_text().splitlines()[-1])["val_dice"]
+    scored = {}
+    for weights in ("", "student", "teacher"):
+        capsys.readouterr()
+        choice = ["--weights", weights] if weights else []
+        test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess",
+                          "--out", f"{weights or 'default'}/submission.csv", *choice])
+        scored[weights] = json.loads((workdir / (weights or "default") / "scores.json").read_text())["val"]["dice"]
+        assert f"{weights or eval_weights} weights" in capsys.readouterr().out
+    other = {"student": "teacher", "teacher": "student"}[eval_weights]
+    assert scored[eval_weights] == pytest.approx(logged, abs=1e-6) and scored[""] == scored[eval_weights]
+    assert abs(scored[other] - logged) > 1e-4
+
+
+def test_checkpoints_without_eval_weights_are_scored_by_their_teacher():
+    from utils.checkpoint import evaluated_weights
+    weights = {"model": {"w": 1}, "teacher": {"w": 2}}
+    assert evaluated_weights({**weights, "config": {}}) == "teacher"  # written before eval_weights
+    assert evaluated_weights({**weights, "config": {"eval_weights": "student"}}) == "model"
+    assert evaluated_weights({**weights, "config": {"eval_weights": "teacher"}}) == "teacher"
+    assert evaluated_weights({"model": {"w": 1}, "teacher": None, "config": {"eval_weights": "teacher"}}) == "model"

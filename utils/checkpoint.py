@@ -46,6 +46,15 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
+def evaluated_weights(state):
+    """The weights a checkpoint is scored with: "teacher" or "model" (the student). A
+    teacher–student run names them (`eval_weights`); a checkpoint without that setting is scored
+    by its teacher when it has one."""
+    if state.get("teacher") is None:
+        return "model"
+    return "model" if state["config"].get("eval_weights", "teacher") == "student" else "teacher"
+
+
 def model_from_checkpoint(state, weights="model", path="checkpoint"):
     """Build the network a checkpoint describes and load `state[weights]` into it."""
     if state.get(weights) is None:

@@ -144,8 +144,8 @@ class TrainingRun:
 
     `modules` maps names to objects with `state_dict()`/`load_state_dict()` (model, teacher,
     optimizer, scheduler, scaler, loss with its κ …); all go into every checkpoint and come back
-    on `--resume`. `modules[validate_weights]` is the network validated here; `modules["model"]`
-    is the one `test.py` tests unless the checkpoint has a `teacher`, which it prefers.
+    on `--resume`. `modules[validate_weights]` is the network validated here, and the one
+    `test.py` scores (`utils.checkpoint.evaluated_weights`).
     """
 
     def __init__(self, cfg, method, model_name, model_kwargs, modules, data, split, norm, device,

@@ -134,6 +134,7 @@ CHOICES = {
     "mode": _one_of(("pseudo_label", "mean_teacher", "bcp")),      # train_teacher_student.py
     "schedule": _one_of(("joint", "pretrain_finetune")),
     "consistency": _one_of(("mse", "hard")),
+    "eval_weights": _one_of(("student", "teacher"), " or "),
     "tta": _one_of(TTA_MODES),                                     # and test.py
     "split": _one_of(("val", "train", "test", "oof")),             # test.py
     "weights": (("", "teacher", "student"), "{key}: unknown '{value}' (choose teacher or student)"),
