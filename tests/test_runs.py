@@ -17,13 +17,16 @@ BASE = {"data": "data/phantom", "model": "attunet", "model_kwargs": {"attunet": 
         "out_dir": "", "gpu": 0, "num_workers": 2}
 
 
-def make_run(root, name, seed, test_dice=None, val_dice=(0.2, 0.3), test_rand=0.5, **settings):
-    """A run folder: config.yaml, log.jsonl (one record per val_dice value, epochs 1, 2, …) and,
-    with `test_dice`, a scores.json as test.py writes it."""
+def make_run(root, name, seed, test_dice=None, val_dice=(0.2, 0.3), test_rand=0.5, method=None,
+             **settings):
+    """A run folder: config.yaml (with `method`, the header line the scripts write), log.jsonl
+    (one record per val_dice value, epochs 1, 2, …) and, with `test_dice`, a scores.json as
+    test.py writes it."""
     folder = root / name
     folder.mkdir()
     config = {**BASE, **settings, "seed": seed, "out_dir": str(folder), "gpu": seed % 2}
-    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    header = f"# method: {method}\n" if method else ""
+    (folder / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
     (folder / "log.jsonl").write_text("".join(
         json.dumps({"epoch": epoch, "val_dice": value, "val_rand": value / 2}) + "\n"
         for epoch, value in enumerate(val_dice, 1)))
@@ -125,6 +128,30 @@ def test_one_arm_and_the_rand_index_of_instance_runs(tmp_path, capsys):
     assert "one arm: nothing to pair" in out
     out = run_main(capsys, [str(tmp_path / "i-s0"), "--metric", "dice"])  # no test Dice: validation
     assert "Arms (test dice" in out and "(common settings) [val]: n 1, mean 0.3000, spread -" in out
+
+
+def test_keys_of_one_script_are_compared_among_its_runs(tmp_path, capsys):
+    """Supervised runs lack UniMatch's keys: a key every UniMatch run sets alike tells nothing
+    apart, the method column does; a key that runs of one method differ in (conf_thresh), or
+    that one of its runs lacks (mix_source, added since), is shown."""
+    for seed in (0, 1):
+        make_run(tmp_path, f"sup-s{seed}", seed, 0.40 + seed / 100, method="supervised")
+        make_run(tmp_path, f"um-s{seed}", seed, 0.45 + seed / 100, method="unimatch", conf_thresh=0.95,
+                 mu_img=0.5, mix_source="loader")
+        make_run(tmp_path, f"um08-s{seed}", seed, 0.47 + seed / 100, method="unimatch", conf_thresh=0.8,
+                 mu_img=0.5)
+    out = run_main(capsys, [str(tmp_path / "*")])
+    header = out.splitlines()[0].split()
+    assert header[:5] == ["run", "method", "conf_thresh", "mix_source", "seed"]  # not mu_img
+    rows = {line.split()[0]: line.split()[:5] for line in out.splitlines()[1:7]}
+    assert rows["sup-s1"] == ["sup-s1", "supervised", "-", "-", "1"]
+    assert rows["um08-s0"] == ["um08-s0", "unimatch", "0.8", "-", "0"]
+    lines = out.splitlines()
+    at = lines.index("  B method=unimatch conf_thresh=0.95 mix_source=loader  vs  "
+                     "A method=supervised conf_thresh=- mix_source=-:")
+    assert lines[at + 1] == "    +0.0500 mean over 2 seeds (2/2 ahead): s0 +0.0500, s1 +0.0500"
+    out = run_main(capsys, [str(tmp_path / "um-s*"), str(tmp_path / "sup-s*")])
+    assert out.splitlines()[0].split()[:3] == ["run", "method", "seed"]
 
 
 def test_errors_exit_2_with_one_line(tmp_path, capsys):

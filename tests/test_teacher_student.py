@@ -577,6 +577,7 @@ def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdi
              "--mode", mode, *flags])
     records = [json.loads(line) for line in (workdir / "run" / "log.jsonl").read_text().splitlines()]
     assert records[-1]["iteration"] == 2 and logged <= set(records[-1])
+    assert (workdir / "run" / "config.yaml").read_text().startswith(f"# method: {mode}\n")  # utils.runs
     state = torch.load(workdir / "run" / "best.pth", weights_only=True)
     assert (state.get("teacher") is not None) == (mode != "pseudo_label")
     assert state["model_kwargs"].get("edge_guided", False) == ("--edge_guided" in flags)

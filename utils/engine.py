@@ -169,7 +169,7 @@ class TrainingRun:
         if distributed.is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
             self._point_latest()
-            (self.dir / "config.yaml").write_text(config_to_yaml(cfg))
+            (self.dir / "config.yaml").write_text(f"# method: {method}\n{config_to_yaml(cfg)}")
             self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         print(f"Run directory: {self.dir}")
 

@@ -6,8 +6,9 @@ they form over seeds (README: The loop).
 
 A run directory holds `config.yaml`, `log.jsonl` and, after `python test.py --ckpt RUN/best.pth`,
 `scores.json`. Printed:
-1. one row per run: the config keys whose values differ between the runs (keys that do not shape
-   results left out), the seed, the best validation score (`val_<select_metric>`) and its epoch,
+1. one row per run: the method (the first line of config.yaml) and the config keys whose values
+   differ between the runs (keys that do not shape results left out; a key of one script only
+   compared among the runs that have it), the seed, the best validation score (`val_<select_metric>`) and its epoch,
    and from scores.json the test Dice and Rand index, predicted / true foreground and the counts
    of SINK and MISSING classes (`-` where a piece is missing);
 2. arms, the runs that differ only in their seed: n, mean, sample standard deviation (spread),
@@ -27,6 +28,7 @@ import yaml
 
 from utils.errors import InputError, run_cli
 
+METHOD_HEADER = "# method:"  # config.yaml's first line, written by the training scripts
 IGNORED_KEYS = {"out_dir", "resume", "gpu", "num_workers", "print_every", "plot_every_seconds",
                 "timeout_minutes", "eval_batch_size", "num_examples", "seed"}
 
@@ -89,6 +91,9 @@ def load_run(path):
     for key in ("dice", "rand", "fg_pred", "fg_true"):
         if not isinstance(test.get(key), (int, float, type(None))) or isinstance(test.get(key), bool):
             raise InputError(f"{scores_path}: test {key} must be a number or null, got {test[key]!r}")
+    header = read_text(config_path).partition("\n")[0]
+    if header.startswith(METHOD_HEADER) and "method" not in config:  # the script's method (engine)
+        config["method"] = header[len(METHOD_HEADER):].strip()
     if isinstance(config.get("data"), str) and Path(config["data"]).exists():
         # one folder spelled two ways (relative, absolute) is one setting
         config["data"] = str(Path(config["data"]).resolve())
@@ -108,11 +113,17 @@ def flatten(config, prefix=""):
 
 
 def differing_keys(runs):
-    """The config keys (not ignored, not private) whose values are not the same in every run."""
-    keys = sorted({key for run in runs for key in run["config"]})
+    """The config keys (not ignored, not private) that tell the runs apart, `method` first. A key
+    that only some runs have belongs to another script's method: it is compared among the runs
+    that have it, and also counts when a run of the same method lacks it (a key added since)."""
+    keys = sorted({key for run in runs for key in run["config"]}, key=lambda k: (k != "method", k))
     shaping = [k for k in keys if k.split(".")[0] not in IGNORED_KEYS and not k.startswith("_")]
-    return [k for k in shaping if len({json.dumps(run["config"].get(k, None), sort_keys=True)
-                                       for run in runs}) > 1]
+
+    def differs(key):
+        values = {json.dumps(run["config"][key], sort_keys=True) for run in runs if key in run["config"]}
+        has_key = {(run["config"].get("method"), key in run["config"]) for run in runs}
+        return len(values) > 1 or len(has_key) > len({method for method, _ in has_key})
+    return [key for key in shaping if differs(key)]
 
 
 def setting(value):
