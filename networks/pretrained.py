@@ -198,7 +198,8 @@ def read_safetensors(path: Path) -> dict:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint file -> {name: tensor}, unwrapping {'state_dict': …} and {'model': …}."""
+    """A checkpoint file -> {name: tensor}, unwrapping {'state_dict': …}, {'model': …} and
+    {'teacher': …} (DINOv2's teacher_checkpoint.pth)."""
     if not path.is_file():
         raise InputError(f"{path}: pretrained weights file not found")
     if path.suffix == ".safetensors":
@@ -208,7 +209,7 @@ def read_checkpoint(path: Path) -> dict:
     except Exception as error:  # torch raises several unrelated types for a file it cannot read
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{path}: cannot be read as a PyTorch checkpoint ({reason})") from None
-    for wrapper in ("state_dict", "model"):
+    for wrapper in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):

@@ -395,6 +395,10 @@ def write_checkpoint(directory, layout, reference):
             **{f"teacher.backbone.{key}": value for key, value in chunked.items()},
             **{f"student.backbone.{key}": value.neg() for key, value in chunked.items()},
             "teacher.dino_head.last_layer.weight": torch.randn(10, 32)}}
+    elif layout == "teacher_checkpoint.pth":  # the training's evaluation export: {"teacher": …}
+        path = directory / "teacher_checkpoint.pth"
+        state = {"teacher": {**{f"backbone.{key}": value for key, value in official.items()},
+                             "dino_head.last_layer.weight": torch.randn(10, 32)}}
     elif layout == "hf.safetensors":  # Dinov2ForImageClassification: `dinov2.`, a classifier
         path = directory / "model.safetensors"
         state = {f"dinov2.{key}": value
@@ -411,7 +415,7 @@ def write_checkpoint(directory, layout, reference):
     return path
 
 
-LAYOUTS = ["official.pth", "training.pth", "hf.safetensors", "hf5.bin"]
+LAYOUTS = ["official.pth", "training.pth", "teacher_checkpoint.pth", "hf.safetensors", "hf5.bin"]
 
 
 @pytest.fixture(scope="module")
@@ -427,7 +431,8 @@ def test_pretrained_loading_reproduces_the_encoder(layout, registers, references
     reference = references[registers]
     path = write_checkpoint(tmp_path, layout, reference)
     tensors = len(reference.encoder.state_dict())
-    ignored = {"official.pth": 0, "training.pth": tensors + 1, "hf.safetensors": 2, "hf5.bin": 0}
+    ignored = {"official.pth": 0, "training.pth": tensors + 1, "teacher_checkpoint.pth": 1,
+               "hf.safetensors": 2, "hf5.bin": 0}
     rgb = tiny_model(registers=registers, in_channels=3, seed=9).eval()
     load_pretrained_encoder(rgb, path)
     naming = "official" if layout.endswith("pth") else "Hugging Face"
