@@ -152,6 +152,10 @@ def test_keys_of_one_script_are_compared_among_its_runs(tmp_path, capsys):
     assert lines[at + 1] == "    +0.0500 mean over 2 seeds (2/2 ahead): s0 +0.0500, s1 +0.0500"
     out = run_main(capsys, [str(tmp_path / "um-s*"), str(tmp_path / "sup-s*")])
     assert out.splitlines()[0].split()[:3] == ["run", "method", "seed"]
+    for mode in ("bcp", "mean_teacher"):  # train_teacher_student.py's mode names the method
+        make_run(tmp_path, f"{mode}-s0", 0, 0.4, method=mode, mode=mode)
+    out = run_main(capsys, [str(tmp_path / "bcp-s0"), str(tmp_path / "mean_teacher-s0")])
+    assert out.splitlines()[0].split()[:3] == ["run", "method", "seed"]
 
 
 def test_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -115,12 +115,16 @@ def flatten(config, prefix=""):
 def differing_keys(runs):
     """The config keys (not ignored, not private) that tell the runs apart, `method` first. A key
     that only some runs have belongs to another script's method: it is compared among the runs
-    that have it, and also counts when a run of the same method lacks it (a key added since)."""
+    that have it, and also counts when a run of the same method lacks it (a key added since); one
+    that only repeats the method is left out."""
     keys = sorted({key for run in runs for key in run["config"]}, key=lambda k: (k != "method", k))
     shaping = [k for k in keys if k.split(".")[0] not in IGNORED_KEYS and not k.startswith("_")]
 
     def differs(key):
-        values = {json.dumps(run["config"][key], sort_keys=True) for run in runs if key in run["config"]}
+        having = [run["config"] for run in runs if key in run["config"]]
+        if key != "method" and all(config[key] == config.get("method") for config in having):
+            return False  # it repeats the method (train_teacher_student.py's `mode`)
+        values = {json.dumps(config[key], sort_keys=True) for config in having}
         has_key = {(run["config"].get("method"), key in run["config"]) for run in runs}
         return len(values) > 1 or len(has_key) > len({method for method, _ in has_key})
     return [key for key in shaping if differs(key)]
