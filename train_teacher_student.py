@@ -129,7 +129,8 @@ def pseudo_label_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position
             pseudo_u = confident_pseudo_labels(conf_u_w, pseudo_u, cfg.conf_thresh, parts.pseudo_area_bounds)
             loss_u = parts.loss_stream(logits_u_s, pseudo_u)
         else:  # summed over classes: the mean over 15-55 classes gave a gradient 27x weaker than
-            # the supervised one (phantom, 100-step model), so the consistency barely acted
+            # the supervised one (phantom, 100-step model), so the consistency barely acted; at
+            # w_consistency 1 the sum outweighed the labels on real CT, hence its default 0.1
             loss_u = mse_consistency(logits_u_s.float().softmax(1), prob_u_w) * prob_u_w.shape[1]
         edge = ({"loss_edge": parts.loss_sup.edge_term(edge_logits, batch_x["mask"], batch_x["certain_background"])}
                 if cfg.edge_guided else {})
