@@ -100,10 +100,11 @@ class Checkpoint:
     def __init__(self, path, weights_choice):
         self.path = path
         self.state = load_checkpoint(path, map_location="cpu")
-        self.weights = weights_choice or {"teacher": "teacher", "model": "student"}[evaluated_weights(self.state)]
+        self.config, self.facts = self.state["config"], self.state["data"]
+        evaluated = evaluated_weights(self.config, self.state.get("teacher") is not None)
+        self.weights = weights_choice or {"teacher": "teacher", "model": "student"}[evaluated]
         model = model_from_checkpoint(self.state, "model" if self.weights == "student"
                                       else self.weights, path)
-        self.config, self.facts = self.state["config"], self.state["data"]
         self.member = Member(model, self.facts["img_size"], self.facts["normalize"])
         self.folds, self.fold = self.config.get("folds", 0), self.config.get("fold", 0)
         self.label_mode = self.config.get("label_mode", "class")

@@ -272,7 +272,7 @@ def prepare_teacher(cfg, device):
         print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
         train_supervised.train(teacher_cfg)
     state = load_checkpoint(path, map_location=device)
-    weights = evaluated_weights(state)
+    weights = evaluated_weights(state["config"], state.get("teacher") is not None)
     teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)
     if state["data"]["num_classes"] != cfg.num_classes:
         raise InputError(f"{path}: the teacher predicts {state['data']['num_classes']} classes, "
@@ -429,8 +429,7 @@ def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_fr
     run = TrainingRun(cfg, cfg.mode, model_name, model_kwargs,
                       {**modules, "loss": loss_sup, "optimizer": optimizer, "scheduler": scheduler,
                        "scaler": scaler}, data, split, norm, device,
-                      validate_weights="teacher" if "teacher" in modules and cfg.eval_weights == "teacher"
-                      else "model")
+                      validate_weights=evaluated_weights(cfg, "teacher" in modules))
     if cfg.mode != "pseudo_label":  # the EMA teacher tracks its own BatchNorm statistics
         teacher = OwnStatistics(teacher)
     parts = TeacherStudentParts(

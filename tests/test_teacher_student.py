@@ -620,8 +620,7 @@ def test_eval_weights_is_the_network_validated_and_tested(eval_weights, workdir,
 
 def test_checkpoints_without_eval_weights_are_scored_by_their_teacher():
     from utils.checkpoint import evaluated_weights
-    weights = {"model": {"w": 1}, "teacher": {"w": 2}}
-    assert evaluated_weights({**weights, "config": {}}) == "teacher"  # written before eval_weights
-    assert evaluated_weights({**weights, "config": {"eval_weights": "student"}}) == "model"
-    assert evaluated_weights({**weights, "config": {"eval_weights": "teacher"}}) == "teacher"
-    assert evaluated_weights({"model": {"w": 1}, "teacher": None, "config": {"eval_weights": "teacher"}}) == "model"
+    assert evaluated_weights({}, has_teacher=True) == "teacher"  # written before eval_weights
+    assert evaluated_weights({"eval_weights": "student"}, has_teacher=True) == "model"
+    assert evaluated_weights({"eval_weights": "teacher"}, has_teacher=True) == "teacher"
+    assert evaluated_weights({"eval_weights": "teacher"}, has_teacher=False) == "model"

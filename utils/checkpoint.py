@@ -46,13 +46,13 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def evaluated_weights(state):
-    """The weights a checkpoint is scored with: "teacher" or "model" (the student). A
-    teacher–student run names them (`eval_weights`); a checkpoint without that setting is scored
-    by its teacher when it has one."""
-    if state.get("teacher") is None:
+def evaluated_weights(config, has_teacher):
+    """The weights a run is validated and a checkpoint scored with: "teacher" or "model" (the
+    student). A teacher–student run names them (`eval_weights`); a checkpoint written before that
+    setting is scored by its teacher when it has one."""
+    if not has_teacher:
         return "model"
-    return "model" if state["config"].get("eval_weights", "teacher") == "student" else "teacher"
+    return "model" if config.get("eval_weights", "teacher") == "student" else "teacher"
 
 
 def model_from_checkpoint(state, weights="model", path="checkpoint"):

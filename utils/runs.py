@@ -8,9 +8,10 @@ A run directory holds `config.yaml`, `log.jsonl` and, after `python test.py --ck
 `scores.json`. Printed:
 1. one row per run: the method (the first line of config.yaml) and the config keys whose values
    differ between the runs (keys that do not shape results left out; a key of one script only
-   compared among the runs that have it), the seed, the best validation score (`val_<select_metric>`) and its epoch,
-   and from scores.json the test Dice and Rand index, predicted / true foreground and the counts
-   of SINK and MISSING classes (`-` where a piece is missing);
+   compared among the runs that have it), the seed, the best validation score
+   (`val_<select_metric>`) and its epoch, and from scores.json the test Dice and Rand index,
+   predicted / true foreground and the counts of SINK and MISSING classes (`-` where a piece is
+   missing);
 2. arms, the runs that differ only in their seed: n, mean, sample standard deviation (spread),
    min, max and every seed's value of the `--metric` score: the test score, or in an arm where no
    run has one (no scores.json) each run's validation score at its best epoch, marked `[val]`;
@@ -75,8 +76,9 @@ def read_text(path):
 def load_run(path):
     """One run: its name, config (dotted keys), log records and scores.json (or None)."""
     config_path, log_path, scores_path = (path / n for n in ("config.yaml", "log.jsonl", "scores.json"))
+    config_text = read_text(config_path)
     try:
-        config = yaml.safe_load(read_text(config_path))
+        config = yaml.safe_load(config_text)
     except yaml.YAMLError as error:
         raise InputError(f"{config_path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(config, dict):
@@ -91,7 +93,7 @@ def load_run(path):
     for key in ("dice", "rand", "fg_pred", "fg_true"):
         if not isinstance(test.get(key), (int, float, type(None))) or isinstance(test.get(key), bool):
             raise InputError(f"{scores_path}: test {key} must be a number or null, got {test[key]!r}")
-    header = read_text(config_path).partition("\n")[0]
+    header = config_text.partition("\n")[0]
     if header.startswith(METHOD_HEADER) and "method" not in config:  # the script's method (engine)
         config["method"] = header[len(METHOD_HEADER):].strip()
     if isinstance(config.get("data"), str) and Path(config["data"]).exists():
