@@ -96,3 +96,24 @@ def test_concatenated_datasets_pass_the_seed_to_the_right_part():
 def test_bad_rank_is_an_error(rank, world_size):
     with pytest.raises(ValueError, match="rank"):
         EpochSampler(5, batch_size=2, rank=rank, world_size=world_size, **LAYOUT)
+
+
+def test_unlabeled_pool_adds_the_test_images_and_says_so(capsys):
+    from utils.builders import unlabeled_pool
+    train = np.stack([np.full((4, 4), i, np.uint8) for i in range(5)])  # image i is all i
+    test = np.stack([np.full((4, 4), 100 + i, np.uint8) for i in range(3)])
+    data = SimpleNamespace(root="d", train_images=train, test_images=test)
+    split = SimpleNamespace(unlabeled=np.array([1, 3]))
+
+    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=False), data, split)
+    assert [images[i][0, 0] for i in indices] == [1, 3]
+    assert capsys.readouterr().out == ""
+
+    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=True), data, split)
+    assert [images[i][0, 0] for i in indices] == [1, 3, 100, 101, 102]
+    assert "2 unlabeled training images + 3 test images (use_test_as_unlabeled) = 5" in capsys.readouterr().out
+
+    data.test_images = None
+    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=True), data, split)
+    assert [images[i][0, 0] for i in indices] == [1, 3]
+    assert "d has no test images" in capsys.readouterr().out

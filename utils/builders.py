@@ -107,10 +107,16 @@ def compile_network(model, backend="inductor"):
 def unlabeled_pool(cfg, data, split):
     """(images (M,H,W) uint8, indices) of the unlabeled pool: the empty-mask training images,
     plus the test images when `use_test_as_unlabeled`."""
-    if not (cfg.use_test_as_unlabeled and data.test_images is not None):
+    if not cfg.use_test_as_unlabeled:
+        return data.train_images, split.unlabeled
+    if data.test_images is None:
+        print(f"warning: use_test_as_unlabeled: {data.root} has no test images; the unlabeled pool "
+              f"is its {len(split.unlabeled)} unlabeled training images")
         return data.train_images, split.unlabeled
     images = np.concatenate([np.asarray(data.train_images), np.asarray(data.test_images)])
     test = np.arange(len(data.train_images), len(images))
+    print(f"Unlabeled pool: {len(split.unlabeled)} unlabeled training images + {len(test)} test "
+          f"images (use_test_as_unlabeled) = {len(split.unlabeled) + len(test)}")
     return images, np.concatenate([split.unlabeled, test])
 
 
