@@ -26,7 +26,8 @@ r"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP.
   into each other (pre-training), then a labeled box pasted into an unlabeled slice and an unlabeled
   box into a labeled one, pseudo-labels from the more confident of an EMA and a static teacher
   (pixels under `conf_thresh` ignored).
-The EMA decay (`ema_alpha` 0) is sized to the run: the teacher averages its last fifth.
+The EMA decay `ema_alpha` is 0.95 (the teacher averages about the last 20 steps); 0 sizes it to the
+run, so that the teacher averages its last fifth.
 
 Naming: `img_x`/`mask_x` labeled; `img_u_w`/`img_u_s1` weak/strong view of an unlabeled slice (same
 geometry); `conf_u_w` a teacher's confidence. Partial labels in BCP: each region of a mixed
