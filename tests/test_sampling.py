@@ -98,22 +98,30 @@ def test_bad_rank_is_an_error(rank, world_size):
         EpochSampler(5, batch_size=2, rank=rank, world_size=world_size, **LAYOUT)
 
 
-def test_unlabeled_pool_adds_the_test_images_and_says_so(capsys):
+def test_unlabeled_pool_adds_the_labeled_and_test_images_and_says_so(capsys):
     from utils.builders import unlabeled_pool
     train = np.stack([np.full((4, 4), i, np.uint8) for i in range(5)])  # image i is all i
     test = np.stack([np.full((4, 4), 100 + i, np.uint8) for i in range(3)])
     data = SimpleNamespace(root="d", train_images=train, test_images=test)
-    split = SimpleNamespace(unlabeled=np.array([1, 3]))
+    split = SimpleNamespace(unlabeled=np.array([1, 3]), train=np.array([0, 2]), val=np.array([4]))
 
-    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=False), data, split)
-    assert [images[i][0, 0] for i in indices] == [1, 3]
-    assert capsys.readouterr().out == ""
+    def pool(labeled, test):
+        cfg = SimpleNamespace(labeled_as_unlabeled=labeled, use_test_as_unlabeled=test)
+        images, indices = unlabeled_pool(cfg, data, split)
+        return [int(images[i][0, 0]) for i in indices], capsys.readouterr().out
 
-    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=True), data, split)
-    assert [images[i][0, 0] for i in indices] == [1, 3, 100, 101, 102]
-    assert "2 unlabeled training images + 3 test images (use_test_as_unlabeled) = 5" in capsys.readouterr().out
+    assert pool(False, False) == ([1, 3], "")
+    values, out = pool(False, True)
+    assert values == [1, 3, 100, 101, 102]
+    assert "2 unlabeled training images + 3 test images (use_test_as_unlabeled) = 5" in out
+    values, out = pool(True, False)  # the validation image 4 never joins
+    assert values == [1, 3, 0, 2]
+    assert "2 unlabeled training images + 2 labeled training images (labeled_as_unlabeled) = 4" in out
+    values, out = pool(True, True)
+    assert values == [1, 3, 0, 2, 100, 101, 102]
+    assert out.strip().endswith("(use_test_as_unlabeled) = 7")
 
     data.test_images = None
-    images, indices = unlabeled_pool(SimpleNamespace(use_test_as_unlabeled=True), data, split)
-    assert [images[i][0, 0] for i in indices] == [1, 3]
-    assert "d has no test images" in capsys.readouterr().out
+    values, out = pool(False, True)
+    assert values == [1, 3]
+    assert "d has no test images" in out

@@ -106,18 +106,25 @@ def compile_network(model, backend="inductor"):
 
 def unlabeled_pool(cfg, data, split):
     """(images (M,H,W) uint8, indices) of the unlabeled pool: the empty-mask training images,
-    plus the test images when `use_test_as_unlabeled`."""
-    if not cfg.use_test_as_unlabeled:
-        return data.train_images, split.unlabeled
-    if data.test_images is None:
-        print(f"warning: use_test_as_unlabeled: {data.root} has no test images; the unlabeled pool "
-              f"is its {len(split.unlabeled)} unlabeled training images")
-        return data.train_images, split.unlabeled
-    images = np.concatenate([np.asarray(data.train_images), np.asarray(data.test_images)])
-    test = np.arange(len(data.train_images), len(images))
-    print(f"Unlabeled pool: {len(split.unlabeled)} unlabeled training images + {len(test)} test "
-          f"images (use_test_as_unlabeled) = {len(split.unlabeled) + len(test)}")
-    return images, np.concatenate([split.unlabeled, test])
+    plus the labeled training images (not the validation ones) when `labeled_as_unlabeled` —
+    the unlabeled losses then reach the structures their partial masks leave at 0 — plus the
+    test images when `use_test_as_unlabeled`."""
+    images, indices = data.train_images, [split.unlabeled]
+    parts = [f"{len(split.unlabeled)} unlabeled training images"]
+    if cfg.labeled_as_unlabeled:
+        indices.append(np.asarray(split.train))
+        parts.append(f"{len(split.train)} labeled training images (labeled_as_unlabeled)")
+    if cfg.use_test_as_unlabeled and data.test_images is None:
+        print(f"warning: use_test_as_unlabeled: {data.root} has no test images; they cannot join "
+              "the unlabeled pool")
+    elif cfg.use_test_as_unlabeled:
+        images = np.concatenate([np.asarray(data.train_images), np.asarray(data.test_images)])
+        indices.append(np.arange(len(data.train_images), len(images)))
+        parts.append(f"{len(data.test_images)} test images (use_test_as_unlabeled)")
+    indices = np.concatenate(indices).astype(np.int64)
+    if len(parts) > 1:
+        print(f"Unlabeled pool: {' + '.join(parts)} = {len(indices)}")
+    return images, indices
 
 
 def semi_supervised_sets(cfg, data, split, norm):
