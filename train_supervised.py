@@ -78,7 +78,11 @@ def train(cfg):
 
 
 def main(argv=None):
-    train(setup("supervised", argv, __doc__))
+    cfg = setup("supervised", argv, __doc__)
+    unused = [key for key in ("use_test_as_unlabeled", "labeled_as_unlabeled") if cfg[key]]
+    if unused:
+        print(f"note: {', '.join(unused)} ignored: train_supervised.py has no unlabeled pool")
+    train(cfg)
 
 
 if __name__ == "__main__":
