@@ -12,10 +12,13 @@ the softmax vanishes), and on real CT whole organs went unpredicted (docs/experi
 `partial_labels: true` the marginal variants treat 0-pixels as "background or an organ not
 annotated on this image" (utils/losses.py).
 """
+from pathlib import Path
+
 from dataloaders.datasets import LabeledSlices, geometric_augmentation
 from networks.edge import forward_with_edges
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
                             load_data, supervised_targets)
+from utils.config import Config, script_defaults
 from utils.distributed import data_parallel
 from utils.engine import TrainingRun
 from utils.errors import run_cli
@@ -75,6 +78,20 @@ def train(cfg):
             break
     run.finish()
     return run.dir
+
+
+def train_first(cfg, out_dir, epochs, role):
+    """A supervised run that another method starts from (the pseudo_label teacher, UniMatch's
+    warm start): trained here in `out_dir` for `epochs` with the keys `cfg` shares with this
+    script (data, split, network, loss, budget …), or reused when `cfg` resumes and its best.pth
+    is there. Returns that best.pth."""
+    path = Path(out_dir) / "best.pth"
+    if not (cfg.resume and path.is_file()):
+        own_cfg = Config({key: cfg[key] for key in script_defaults("supervised")}, epochs=epochs,
+                         out_dir=str(out_dir), resume="").freeze()
+        print(f"==== {role}: train_supervised.py on the labeled split, in {out_dir}/ ====")
+        train(own_cfg)
+    return path
 
 
 def main(argv=None):

@@ -58,7 +58,6 @@ from utils.builders import (build_network, epoch_loader, iterations_per_epoch, l
                             load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils import distributed
 from utils.checkpoint import evaluated_weights, load_checkpoint, model_from_checkpoint
-from utils.config import Config, script_defaults
 from utils.engine import TrainingRun, colour_count, run_directory
 from utils.distributed import data_parallel
 from utils.errors import InputError, run_cli
@@ -265,13 +264,8 @@ def prepare_teacher(cfg, device):
     """The pseudo_label teacher: `teacher_ckpt`, or else a train_supervised.py run with this run's
     shared keys (data, split, model, loss …) in <run>/teacher/, reused on --resume.
     Returns (teacher in eval mode, checkpoint path, weights name, the checkpoint's data facts)."""
-    path = Path(cfg.teacher_ckpt or Path(cfg.out_dir) / "teacher" / "best.pth")
-    if not cfg.teacher_ckpt and not (cfg.resume and path.is_file()):
-        teacher_cfg = Config({key: cfg[key] for key in script_defaults("supervised")},
-                             epochs=cfg.teacher_epochs or cfg.epochs, out_dir=str(path.parent),
-                             resume="").freeze()
-        print(f"==== teacher: train_supervised.py on the labeled split, in {path.parent}/ ====")
-        train_supervised.train(teacher_cfg)
+    path = Path(cfg.teacher_ckpt) if cfg.teacher_ckpt else train_supervised.train_first(
+        cfg, Path(cfg.out_dir) / "teacher", cfg.teacher_epochs or cfg.epochs, "teacher")
     state = load_checkpoint(path, map_location=device)
     weights = evaluated_weights(state["config"], state.get("teacher") is not None)
     teacher = model_from_checkpoint(state, weights, path).to(device).eval().requires_grad_(False)

@@ -3,8 +3,9 @@
 Yang, Qi, Feng, Zhang & Shi, "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic
 Segmentation", CVPR 2023.
 
-    python train_unimatch.py --labeled_ratio 0.8 --gpu 0
+    python train_unimatch.py --labeled_ratio 0.8 --gpu 0   # a supervised warm start first
     python train_unimatch.py --num_labeled 8 --init_ckpt runs/sup/best.pth
+    python train_unimatch.py --warm_start false            # from scratch
     python train_unimatch.py --resume runs/latest/last.pth
     torchrun --nproc_per_node 4 train_unimatch.py --labeled_ratio 0.8   # README: Several GPUs
 
@@ -16,8 +17,11 @@ prediction on `img_u_w`.
 Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
 supervises the two strong views and a feature-perturbed decoding of the weak view.
 """
+from pathlib import Path
+
 import torch
 
+import train_supervised
 from dataloaders.datasets import strong_views
 from networks import forward_with_feature_perturbation
 from utils.errors import run_cli
@@ -25,9 +29,9 @@ from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
 from utils.priors import drop_oversized_pseudo_labels
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
-                            load_data, semi_supervised_sets, supervised_targets)
+                            load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils.distributed import data_parallel
-from utils.engine import TrainingRun
+from utils.engine import TrainingRun, run_directory
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 
@@ -101,9 +105,21 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
                   "loss_fp": loss_fp, "conf_ratio": (conf_u_w >= cfg.conf_thresh).float().mean()}
 
 
+def warm_start(cfg):
+    """The best.pth of a supervised run trained first in <run>/warm_start/ (`warm_start`), or
+    None: from scratch, from `init_ckpt`, or resuming (the weights are in the checkpoint)."""
+    if not cfg.warm_start or cfg.init_ckpt or cfg.resume:
+        return None
+    return train_supervised.train_first(cfg, Path(cfg.out_dir) / "warm_start",
+                                        cfg.warm_start_epochs or cfg.epochs, "warm start")
+
+
 def main(argv=None):
     # ==== config, device, data ====
-    cfg = setup("unimatch", argv, __doc__)  # checked (edge_guided refused) and frozen
+    # checked (edge_guided refused) and frozen; `out_dir` fixed now: the warm start goes in it
+    cfg = setup("unimatch", argv, __doc__,
+                derive=lambda cfg: {"out_dir": str(run_directory(cfg, "unimatch"))})
+    start = warm_start(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)
@@ -111,7 +127,9 @@ def main(argv=None):
     iterations = iterations_per_epoch(cfg, len(unlabeled_set), batch_size_u)
 
     # ==== model, losses, optimiser ====
-    model, model_name, model_kwargs = build_network(cfg, data, device)
+    model, model_name, model_kwargs = build_network(cfg, data, device)  # + init_ckpt
+    if start is not None:
+        load_init_weights(model, start, model_name, model_kwargs)
     train_forward = data_parallel(model, device)  # under torchrun: DDP, gradients averaged
     area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     loss_sup = build_loss(cfg, area_bounds, annotation_frequency).to(device)
