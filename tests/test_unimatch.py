@@ -230,3 +230,39 @@ def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(mix_source, t
     test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess"])
     out = capsys.readouterr().out
     assert f"per-class Dice {record['val_dice']:.4f}" in out and "trained by unimatch" in out
+
+
+def test_warm_start_trains_a_supervised_run_first_and_starts_from_its_best(tiny_phantom, tmp_path,
+                                                                           monkeypatch):
+    import train_unimatch
+    from conftest import ROOT
+    from utils.checkpoint import load_checkpoint
+    monkeypatch.chdir(tmp_path)
+    loaded = []
+
+    def recording_load(model, path, *args):
+        train_unimatch_load(model, path, *args)
+        loaded.append((path, {k: v.clone() for k, v in model.state_dict().items()}))
+
+    train_unimatch_load = train_unimatch.load_init_weights
+    monkeypatch.setattr(train_unimatch, "load_init_weights", recording_load)
+    common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tiny_phantom)]
+    train_unimatch.main(common + ["--out_dir", "run", "--epochs", "1", "--warm_start_epochs", "2"])
+
+    start = load_checkpoint(tmp_path / "run" / "warm_start" / "best.pth")
+    assert start["method"] == "supervised" and start["config"]["epochs"] == 2
+    assert start["config"]["seed"] == 0 and start["config"]["img_size"] == 64  # the run's keys
+    [(path, weights)] = loaded
+    assert path == tmp_path.joinpath("run", "warm_start", "best.pth").relative_to(tmp_path)
+    for key, value in start["model"].items():
+        assert torch.equal(weights[key], value), key
+
+    # resuming, from init_ckpt, or with warm_start false: no supervised run first
+    train_unimatch.main(common + ["--out_dir", "run", "--resume", "run/last.pth", "--epochs", "2"])
+    train_unimatch.main(common + ["--out_dir", "init", "--epochs", "1",
+                                  "--init_ckpt", "run/warm_start/best.pth"])
+    train_unimatch.main(common + ["--out_dir", "scratch", "--epochs", "1", "--warm_start", "false"])
+    assert len(loaded) == 1
+    assert not (tmp_path / "init" / "warm_start").exists()
+    assert not (tmp_path / "scratch" / "warm_start").exists()
+    assert load_checkpoint(tmp_path / "run" / "warm_start" / "best.pth")["history"] == start["history"]
