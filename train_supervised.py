@@ -94,6 +94,16 @@ def train_first(cfg, out_dir, epochs, role):
     return path
 
 
+def warm_start(cfg):
+    """Where a semi-supervised run starts (`warm_start`): the best.pth of a supervised run trained
+    first in <run>/warm_start/ for `warm_start_epochs` (0 = `epochs`), or None — from scratch,
+    from `init_ckpt`, or resuming (the weights are in the checkpoint)."""
+    if not cfg.warm_start or cfg.init_ckpt or cfg.resume:
+        return None
+    return train_first(cfg, Path(cfg.out_dir) / "warm_start", cfg.warm_start_epochs or cfg.epochs,
+                       "warm start")
+
+
 def main(argv=None):
     cfg = setup("supervised", argv, __doc__)
     unused = [key for key in ("use_test_as_unlabeled", "labeled_as_unlabeled") if cfg[key]]

@@ -35,6 +35,8 @@ slice is scored with the labels of the slice it came from — ground truth with 
 `annotated` classes and certain background (the marginal loss), or complete pseudo-labels at
 `u_weight` — so an organ left unannotated on one slice is never read as background inside
 another's region.
+mean_teacher and bcp start from a supervised run trained first in <run>/warm_start/
+(`warm_start`; the teachers are copies of the student), as UniMatch does.
 Checkpoints: pseudo_label keeps the student; mean_teacher and bcp also the EMA `teacher`.
 `eval_weights` says which of the two validation scores (picking best.pth) and test.py uses: the
 student by default, since at short budgets the EMA trails a student that still improves.
@@ -403,13 +405,17 @@ def training_sets(cfg, data, norm, device, labeled_set, unlabeled_set, batch_siz
                         FixedTeacher(model, path, weights), pseudo_logs)
 
 
-def build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_frequency, pseudo_area_bounds):
-    """The student (+ `init_ckpt`, or pseudo_label's teacher weights and AdamW moments), the mode's
-    teachers, losses and optimiser, and the `TrainingRun` that saves and validates them."""
+def build_parts(cfg, data, split, norm, device, sets, start, area_bounds, annotation_frequency,
+                pseudo_area_bounds):
+    """The student (+ `init_ckpt`, the warm start `start`, or pseudo_label's teacher weights and
+    AdamW moments), the mode's teachers (copies of the student), losses and optimiser, and the
+    `TrainingRun` that saves and validates them."""
     student, model_name, model_kwargs = build_network(cfg, data, device)  # + init_ckpt
     from_teacher = cfg.init_student_from_teacher and sets.teacher is not None and not cfg.resume
     if from_teacher:
         load_init_weights(student, sets.teacher.path, model_name, model_kwargs, sets.teacher.weights)
+    elif start is not None:
+        load_init_weights(student, start, model_name, model_kwargs)
     freeze_encoder_stages(student, cfg.freeze_encoder_stages)
     modules, static_teacher = {"model": student}, None
     teacher = None if sets.teacher is None else sets.teacher.model
@@ -446,9 +452,11 @@ def main(argv=None):
     area_bounds, annotation_frequency = labeled_priors(cfg, data, split, device)
     pseudo_area_bounds = area_bounds if cfg.pseudo_area_filter else None
     sets = training_sets(cfg, data, norm, device, labeled_set, unlabeled_set, batch_size_u, pseudo_area_bounds)
+    # mean_teacher, bcp: <run>/warm_start/ (pseudo_label's student starts from its teacher instead)
+    start = train_supervised.warm_start(cfg) if cfg.mode != "pseudo_label" else None
     seed_everything(cfg.seed, cfg.deterministic)
-    parts, run = build_parts(cfg, data, split, norm, device, sets, area_bounds, annotation_frequency,
-                             pseudo_area_bounds)
+    parts, run = build_parts(cfg, data, split, norm, device, sets, start, area_bounds,
+                             annotation_frequency, pseudo_area_bounds)
     train_step = STEPS[cfg.mode]
 
     # ==== loop: an epoch is `sets.iterations` steps ====

@@ -17,8 +17,6 @@ prediction on `img_u_w`.
 Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
 supervises the two strong views and a feature-perturbed decoding of the weak view.
 """
-from pathlib import Path
-
 import torch
 
 import train_supervised
@@ -105,21 +103,12 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
                   "loss_fp": loss_fp, "conf_ratio": (conf_u_w >= cfg.conf_thresh).float().mean()}
 
 
-def warm_start(cfg):
-    """The best.pth of a supervised run trained first in <run>/warm_start/ (`warm_start`), or
-    None: from scratch, from `init_ckpt`, or resuming (the weights are in the checkpoint)."""
-    if not cfg.warm_start or cfg.init_ckpt or cfg.resume:
-        return None
-    return train_supervised.train_first(cfg, Path(cfg.out_dir) / "warm_start",
-                                        cfg.warm_start_epochs or cfg.epochs, "warm start")
-
-
 def main(argv=None):
     # ==== config, device, data ====
     # checked (edge_guided refused) and frozen; `out_dir` fixed now: the warm start goes in it
     cfg = setup("unimatch", argv, __doc__,
                 derive=lambda cfg: {"out_dir": str(run_directory(cfg, "unimatch"))})
-    start = warm_start(cfg)
+    start = train_supervised.warm_start(cfg)  # <run>/warm_start/, or None
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.gpu)
     data, split, norm = load_data(cfg)

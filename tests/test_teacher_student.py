@@ -580,6 +580,7 @@ def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdi
     assert (workdir / "run" / "config.yaml").read_text().startswith(f"# method: {mode}\n")  # utils.runs
     state = torch.load(workdir / "run" / "best.pth", weights_only=True)
     assert (state.get("teacher") is not None) == (mode != "pseudo_label")
+    assert (workdir / "run" / "warm_start" / "best.pth").is_file() == (mode != "pseudo_label")
     assert state["model_kwargs"].get("edge_guided", False) == ("--edge_guided" in flags)
     for run in ("run", "run/teacher") if "--zero_ce_presence" in flags else ():
         # the student's and its teacher's loss weigh each class, between 1 - r (absent) and 1
@@ -594,6 +595,33 @@ def test_smoke_run_writes_a_checkpoint_test_py_reads(mode, flags, logged, workdi
     test_script.main(["--ckpt", str(workdir / "run" / "best.pth"), "--gpu", "-1"])
     out = capsys.readouterr().out
     assert "student weights" in out and "per-class Dice" in out  # eval_weights: student
+
+
+@pytest.mark.parametrize("mode", ["mean_teacher", "bcp"])
+def test_student_and_teachers_start_from_the_warm_start(mode, workdir, tiny_phantom, monkeypatch):
+    built = []
+    real_build_parts = ts.build_parts
+
+    def recording_build_parts(*args, **kwargs):
+        parts, run = real_build_parts(*args, **kwargs)
+        built.append({name: {k: v.clone() for k, v in module.state_dict().items()}
+                      for name, module in run.modules.items() if "teacher" in name or name == "model"})
+        return parts, run
+
+    monkeypatch.setattr(ts, "build_parts", recording_build_parts)
+    common = ["--config", "configs/tiny.yaml", "--data", str(tiny_phantom), "--mode", mode]
+    ts.main(common + ["--out_dir", "run", "--iters_per_epoch", "1", "--warm_start_epochs", "2"])
+    start = torch.load(workdir / "run" / "warm_start" / "best.pth", weights_only=True)
+    assert start["method"] == "supervised" and start["config"]["epochs"] == 2
+    names = {"mean_teacher": {"model", "teacher"}, "bcp": {"model", "teacher", "static_teacher"}}
+    assert set(built[0]) == names[mode]
+    for weights in built[0].values():
+        for key, value in start["model"].items():
+            assert torch.equal(weights[key], value), key
+
+    ts.main(common + ["--out_dir", "scratch", "--iters_per_epoch", "1", "--warm_start", "false"])
+    assert not (workdir / "scratch" / "warm_start").exists()
+    assert not all(torch.equal(built[1]["model"][key], value) for key, value in start["model"].items())
 
 
 @pytest.mark.parametrize("eval_weights", ["student", "teacher"])
