@@ -81,8 +81,8 @@ def train(cfg):
 
 
 def train_first(cfg, out_dir, epochs, role):
-    """A supervised run that another method starts from (the pseudo_label teacher, UniMatch's
-    warm start): trained here in `out_dir` for `epochs` with the keys `cfg` shares with this
+    """A supervised run that another method starts from (the pseudo_label teacher, the warm start
+    of UniMatch, Mean Teacher and BCP): trained here in `out_dir` for `epochs` with the keys `cfg` shares with this
     script (data, split, network, loss, budget …), or reused when `cfg` resumes and its best.pth
     is there. Returns that best.pth."""
     path = Path(out_dir) / "best.pth"
