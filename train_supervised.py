@@ -82,9 +82,9 @@ def train(cfg):
 
 def train_first(cfg, out_dir, epochs, role):
     """A supervised run that another method starts from (the pseudo_label teacher, the warm start
-    of UniMatch, Mean Teacher and BCP): trained here in `out_dir` for `epochs` with the keys `cfg` shares with this
-    script (data, split, network, loss, budget …), or reused when `cfg` resumes and its best.pth
-    is there. Returns that best.pth."""
+    of UniMatch, Mean Teacher and BCP): trained here in `out_dir` for `epochs` with the keys `cfg`
+    shares with this script (data, split, network, loss, budget …), or reused when `cfg` resumes
+    and its best.pth is there. Returns that best.pth."""
     path = Path(out_dir) / "best.pth"
     if not (cfg.resume and path.is_file()):
         own_cfg = Config({key: cfg[key] for key in script_defaults("supervised")}, epochs=epochs,

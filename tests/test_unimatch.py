@@ -238,13 +238,12 @@ def test_warm_start_trains_a_supervised_run_first_and_starts_from_its_best(tiny_
     from conftest import ROOT
     from utils.checkpoint import load_checkpoint
     monkeypatch.chdir(tmp_path)
-    loaded = []
+    loaded, real_load = [], train_unimatch.load_init_weights
 
     def recording_load(model, path, *args):
-        train_unimatch_load(model, path, *args)
+        real_load(model, path, *args)
         loaded.append((path, {k: v.clone() for k, v in model.state_dict().items()}))
 
-    train_unimatch_load = train_unimatch.load_init_weights
     monkeypatch.setattr(train_unimatch, "load_init_weights", recording_load)
     common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tiny_phantom)]
     train_unimatch.main(common + ["--out_dir", "run", "--epochs", "1", "--warm_start_epochs", "2"])
