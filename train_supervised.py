@@ -105,11 +105,7 @@ def warm_start(cfg):
 
 
 def main(argv=None):
-    cfg = setup("supervised", argv, __doc__)
-    unused = [key for key in ("use_test_as_unlabeled", "labeled_as_unlabeled") if cfg[key]]
-    if unused:
-        print(f"note: {', '.join(unused)} ignored: train_supervised.py has no unlabeled pool")
-    train(cfg)
+    train(setup("supervised", argv, __doc__))
 
 
 if __name__ == "__main__":

@@ -37,12 +37,12 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def training_config(**overrides):
-    """The whole default training config (configs/default.yaml) with `overrides`, frozen: what a
-    script hands the loss and prior builders, every key there (a missing key is a bug, never a
-    default). An override of a key the config lacks is an error."""
+def training_config(script="default", **overrides):
+    """The whole default training config of `script` (configs/<script>.yaml and its base chain)
+    with `overrides`, frozen: what a script hands the loss and prior builders, every key there (a
+    missing key is a bug, never a default). An override of a key the config lacks is an error."""
     from utils.config import script_defaults
-    cfg = script_defaults("default")
+    cfg = script_defaults(script)
     unknown = sorted(set(overrides) - set(cfg))
     assert not unknown, f"not training config keys: {unknown}"
     cfg.update(overrides)

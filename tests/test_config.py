@@ -245,5 +245,9 @@ def test_script_defaults_are_the_yaml_chain():
     assert dict(supervised) == {k: v for k, v in load_config("supervised", []).items() if not k.startswith("_")}
     assert set(script_defaults("default")) == set(supervised)  # supervised.yaml adds nothing
     assert {"mode", "stream_loss"} <= set(script_defaults("teacher_student")) - set(supervised)
+    # the semi-supervised keys are written once, beneath both semi-supervised scripts only
+    semi = set(script_defaults("semi_supervised")) - set(supervised)
+    assert {"conf_thresh", "warm_start", "init_ckpt", "use_test_as_unlabeled", "pseudo_area_filter"} <= semi
+    assert semi <= set(script_defaults("unimatch")) & set(script_defaults("teacher_student"))
     supervised.lr = 1.0  # a new, unfrozen copy each time
     assert script_defaults("supervised").lr != 1.0

@@ -89,18 +89,14 @@ def test_ckpt_falls_back_to_runs_latest(trained, capsys, monkeypatch):
     assert "using runs/latest/best.pth" in capsys.readouterr().out
 
 
-def test_supervised_says_it_ignores_the_unlabeled_pool_keys(workdir, tiny_phantom, capsys,
-                                                            monkeypatch):
-    trained_with = []
-    monkeypatch.setattr(train_supervised, "train", trained_with.append)
-    common = TINY + ["--data", str(tiny_phantom)]
-    train_supervised.main(common)
-    assert "ignored" not in capsys.readouterr().out
-    train_supervised.main(common + ["--labeled_as_unlabeled", "true",
-                                    "--use_test_as_unlabeled", "true"])
-    assert ("note: use_test_as_unlabeled, labeled_as_unlabeled ignored: train_supervised.py has "
-            "no unlabeled pool") in capsys.readouterr().out
-    assert len(trained_with) == 2  # it still trains
+@pytest.mark.parametrize("flag", ["--use_test_as_unlabeled", "--labeled_as_unlabeled", "--warm_start"])
+def test_supervised_refuses_the_semi_supervised_keys(workdir, tiny_phantom, capsys, flag):
+    """They live in configs/semi_supervised.yaml: train_supervised.py has no unlabeled pool and
+    no warm start, so the flag is unknown there rather than silently ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        train_supervised.main(TINY + ["--data", str(tiny_phantom), flag, "true"])
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {flag} true" in capsys.readouterr().err
 
 
 def test_resume_repeats_the_uninterrupted_run(workdir, tiny_phantom):

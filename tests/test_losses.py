@@ -555,9 +555,10 @@ def test_area_bounds_are_a_quantile_times_a_margin():
         [1.0, 0.375, 0.125, 0.0]
     assert class_area_bounds(AREA_MASKS, AREA_ANNOTATED, 4, quantile=1.0, margin=4.0)[1] == 1.0
     settings = {"num_classes": 4, "area_weight": 0.0, "area_quantile": 1.0, "area_margin": 1.5}
-    cfg = training_config(**settings, pseudo_area_filter=False)
+    assert labeled_area_bounds(training_config(**settings), AREA_MASKS, AREA_ANNOTATED) is None
+    cfg = training_config("semi_supervised", **settings, pseudo_area_filter=False)
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED) is None
-    cfg = training_config(**settings, pseudo_area_filter=True)
+    cfg = training_config("semi_supervised", **settings, pseudo_area_filter=True)
     assert labeled_area_bounds(cfg, AREA_MASKS, AREA_ANNOTATED).tolist() == [1.0, 0.75, 0.1875, 0.0]
 
 

@@ -59,7 +59,7 @@ def labeled_area_bounds(cfg, masks, annotated, device="cpu"):
     """`class_area_bounds` of the labeled training masks `(N,H,W)` / annotated `(N,C)` with the
     config's `area_quantile` (0.95) and `area_margin` (1.5), on `device`; None when neither the
     area constraint (`area_weight`) nor the pseudo-label filter (`pseudo_area_filter`) is on."""
-    if float(cfg.area_weight) <= 0 and not cfg.pseudo_area_filter:
+    if float(cfg.area_weight) <= 0 and not cfg.get("pseudo_area_filter"):
         return None
     return class_area_bounds(masks, annotated, cfg.num_classes, float(cfg.area_quantile),
                              float(cfg.area_margin)).to(device)

@@ -200,7 +200,7 @@ def check_label_mode_options(cfg):
     if cfg.loss == "tvmf_dice":
         raise InputError("loss: tvmf_dice sets its per-class κ from validation Dice, and instance "
                          "mode validates by the Rand index; choose dice, ce or dice_ce")
-    if cfg.area_weight > 0 or cfg.pseudo_area_filter:
+    if cfg.area_weight > 0 or cfg.get("pseudo_area_filter"):  # the latter: semi-supervised scripts
         raise InputError("area_weight, pseudo_area_filter: class area bounds mean nothing for "
                          "per-image structure ids (instance mode)")
     if cfg.zero_ce_presence:
