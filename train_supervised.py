@@ -88,7 +88,7 @@ def train_first(cfg, out_dir, epochs, role):
     path = Path(out_dir) / "best.pth"
     if not (cfg.resume and path.is_file()):
         own_cfg = Config({key: cfg[key] for key in script_defaults("supervised")}, epochs=epochs,
-                         out_dir=str(out_dir), resume="").freeze()
+                         out_dir=str(out_dir), resume="", _first_of=role).freeze()
         print(f"==== {role}: train_supervised.py on the labeled split, in {out_dir}/ ====")
         train(own_cfg)
     return path

@@ -1,5 +1,7 @@
 """UniMatch: CutMix boxes, pseudo-labels, confidence masking, FP stream and loss weights."""
 import math
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -233,7 +235,7 @@ def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(mix_source, t
 
 
 def test_warm_start_trains_a_supervised_run_first_and_starts_from_its_best(tiny_phantom, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     import train_unimatch
     from conftest import ROOT
     from utils.checkpoint import load_checkpoint
@@ -243,6 +245,9 @@ def test_warm_start_trains_a_supervised_run_first_and_starts_from_its_best(tiny_
     def recording_load(model, path, *args):
         real_load(model, path, *args)
         loaded.append((path, {k: v.clone() for k, v in model.state_dict().items()}))
+        latest_during_warm_start.append(os.path.lexists("runs/latest"))
+
+    latest_during_warm_start = []
 
     monkeypatch.setattr(train_unimatch, "load_init_weights", recording_load)
     common = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--data", str(tiny_phantom)]
@@ -255,6 +260,13 @@ def test_warm_start_trains_a_supervised_run_first_and_starts_from_its_best(tiny_
     assert path == tmp_path.joinpath("run", "warm_start", "best.pth").relative_to(tmp_path)
     for key, value in start["model"].items():
         assert torch.equal(weights[key], value), key
+    # runs/latest and the closing "Next:" line are the run's, never its warm start's
+    assert latest_during_warm_start == [False]
+    assert Path("runs/latest").resolve() == (tmp_path / "run").resolve()
+    out = capsys.readouterr().out
+    assert "the warm start is ready, the run goes on" in out
+    assert [line.split("Next: ")[1] for line in out.splitlines() if "Next: " in line] == \
+        ["python test.py --ckpt run/best.pth"]
 
     # resuming, from init_ckpt, or with warm_start false: no supervised run first
     train_unimatch.main(common + ["--out_dir", "run", "--resume", "run/last.pth", "--epochs", "2"])

@@ -168,7 +168,8 @@ class TrainingRun:
         self.log_path = self.dir / "log.jsonl"
         if distributed.is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._point_latest()
+            if not cfg.get("_first_of"):  # a warm start or teacher: latest waits for the run itself
+                self._point_latest()
             (self.dir / "config.yaml").write_text(f"# method: {method}\n{config_to_yaml(cfg)}")
             self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
         print(f"Run directory: {self.dir}")
@@ -333,6 +334,7 @@ class TrainingRun:
         best, seconds = self.dir / "best.pth", time.time() - self.started
         chosen = (f"best {self.cfg.select_metric} {self.best_score:.4f}" if self.validated
                   else "no validation split, best.pth is the last checkpoint")
+        then = (f"the {self.cfg._first_of} is ready, the run goes on" if self.cfg.get("_first_of")
+                else f"Next: python test.py --ckpt {best}")
         print(f"Done in {seconds:.0f} s ({self.step_seconds / max(seconds, 1e-9):.0%} in training "
-              f"steps): {chosen}; checkpoints, log and plots in {self.dir}/. "
-              f"Next: python test.py --ckpt {best}")
+              f"steps): {chosen}; checkpoints, log and plots in {self.dir}/. {then}")
