@@ -13,9 +13,9 @@ from utils.runtime import check_config
 
 def test_defaults_come_from_the_yaml_chain():
     cfg = load_config("unimatch", [])
-    assert cfg.conf_thresh == 0.95          # unimatch.yaml
-    assert cfg.lr == 0.001                  # default.yaml through `base:`
-    assert cfg.stream_loss == "dice"        # unimatch.yaml
+    assert cfg.mix_source == "loader"       # unimatch.yaml
+    assert cfg.stream_loss == "dice_ce"     # semi_supervised.yaml through `base:`
+    assert cfg.lr == 0.001                  # default.yaml through semi_supervised.yaml's `base:`
 
 
 def test_precedence_yaml_config_flag_set(tmp_path):
