@@ -6,7 +6,7 @@ r"""Teacher–student training: pseudo-labelling, Mean Teacher and BCP.
     python train_teacher_student.py --mode mean_teacher --init_ckpt runs/sup/best.pth \
         --freeze_encoder_stages 2
     python train_teacher_student.py --mode bcp --edge_guided true
-    python train_teacher_student.py --resume runs/latest/last.pth --mode bcp
+    python train_teacher_student.py --resume runs/latest/last.pth --epochs 60   # continue, longer
     torchrun --nproc_per_node 4 train_teacher_student.py --mode bcp   # README: Several GPUs
 
 - pseudo_label — teacher–student with confidence filtering (after Baldeon et al. 2023): a

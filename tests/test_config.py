@@ -90,6 +90,30 @@ def test_preset_sits_below_user_overrides(tmp_path):
     assert cfg.epochs == 3 and cfg.lr == 0.2
 
 
+def test_resume_takes_the_checkpoints_settings_beneath_the_command_line(tmp_path):
+    saved = {"lr": 0.01, "seed": 4, "labeled_ratio": 0.6, "gpu": 3, "num_workers": 7,
+             "out_dir": "elsewhere", "retired_option": 1}
+    seen = []
+
+    def saved_settings(path):
+        seen.append(path)
+        return saved, ["lr", "labeled_ratio"]
+    cfg = load_config("supervised", ["--resume", "run/last.pth", "--labeled_ratio", "0.9"],
+                      saved_settings=saved_settings)
+    assert seen == ["run/last.pth"]
+    assert cfg.lr == 0.01 and cfg.seed == 4           # the run's own settings
+    assert cfg.labeled_ratio == 0.9                   # a flag given again wins
+    assert cfg.gpu == 0 and cfg.num_workers == 2      # where it runs: the resuming command's
+    assert cfg.out_dir == "" and "retired_option" not in cfg
+    assert set(cfg._overrides) == {"lr", "labeled_ratio", "resume"}
+    # a checkpoint that did not record its overrides: the keys that differ from the defaults
+    older = load_config("supervised", ["--resume", "run/last.pth"],
+                        saved_settings=lambda path: (saved, None))
+    assert set(older._overrides) == {"lr", "seed", "labeled_ratio", "resume"}
+    # without --resume the hook is not called
+    assert load_config("supervised", [], saved_settings=saved_settings).lr == 0.001 and len(seen) == 1
+
+
 def test_resolved_config_round_trips_through_yaml():
     cfg = load_config("supervised", ["--seed", "5"])
     text = config_to_yaml(cfg)

@@ -112,6 +112,24 @@ def test_resume_repeats_the_uninterrupted_run(workdir, tiny_phantom):
     assert resumed["history"][-1]["loss"] == full["history"][-1]["loss"]
 
 
+def test_resume_continues_with_the_settings_the_run_was_started_with(workdir, tiny_phantom, capsys):
+    """Only --resume (and the tiny config, which asks for 2 epochs) on the second call: the run's
+    own --lr and --seed come from its checkpoint, so it repeats the uninterrupted run."""
+    common = TINY + ["--data", str(tiny_phantom)]
+    own = ["--lr", "0.02", "--seed", "3"]
+    train_supervised.main(common + own + ["--out_dir", "full"])
+    train_supervised.main(common + own + ["--out_dir", "half", "--epochs", "1"])
+    capsys.readouterr()
+    train_supervised.main(common + ["--resume", "half/last.pth"])
+    assert "note: resumed with settings other than the run's own: epochs 1 -> 2" in capsys.readouterr().out
+    full, resumed = load_checkpoint("full/last.pth"), load_checkpoint("half/last.pth")
+    assert resumed["config"]["lr"] == 0.02 and resumed["config"]["seed"] == 3
+    assert "lr" in resumed["overrides"] and "seed" in resumed["overrides"]
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["history"][-1]["val_dice"] == full["history"][-1]["val_dice"]
+
+
 def test_a_failed_write_leaves_the_old_checkpoint_intact(workdir, tiny_phantom, monkeypatch):
     common = TINY + ["--data", str(tiny_phantom), "--out_dir", "run", "--epochs", "1"]
     train_supervised.main(common)

@@ -5,7 +5,8 @@
      "model": state_dict, "teacher": state_dict or None,    # + any other named state dicts
      "optimizer", "scheduler", "scaler", "loss": state dicts (resume),
      "epoch": last finished epoch, "iteration": int, "best_score": float, "history": [...],
-     "config": resolved config, "data": {num_classes, img_size, ...}}
+     "config": resolved config, "overrides": the keys the run was given explicitly,
+     "data": {num_classes, img_size, ...}}
 
 No RNG state is stored: each epoch re-seeds every generator from (seed, epoch), which is what
 makes `--resume` exact.
@@ -44,6 +45,13 @@ def load_checkpoint(path, map_location="cpu"):
         raise InputError(f"{path}: not a FewCTSeg checkpoint (no '{FORMAT}' marker); "
                          "pass a best.pth or last.pth written by a train_*.py script")
     return state
+
+
+def saved_settings(path):
+    """The config a checkpoint's run was trained with and the keys given to it explicitly (None
+    when the checkpoint predates that record): what `--resume` continues with."""
+    state = load_checkpoint(path)
+    return state["config"], state.get("overrides")
 
 
 def evaluated_weights(config, has_teacher):

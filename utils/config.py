@@ -4,7 +4,12 @@ Every script has one YAML file in `configs/` holding all of its defaults; a file
 `base:` file that is loaded first. `load_config` merges, later layers winning:
 
     base YAML < script YAML < phantom preset (only when training on the phantom)
-              < --config FILE < --key value flags < --set key.sub=value
+              < the resumed checkpoint's config (with --resume) < --config FILE
+              < --key value flags < --set key.sub=value
+
+`--resume PATH` thus continues the run with the settings it was started with (a run started with
+`--lr 0.01` resumes with it), except `RUN_KEYS`, which describe where and how a run executes and
+come from the resuming command; any flag given again changes its key (`--epochs 40` extends a run).
 
 Each top-level key is also a flag (`--labeled_ratio 0.8`); values are parsed with
 `yaml.safe_load`, so `0.8` is a float and `[96, 96]` a list. A key that no YAML declares is an
@@ -32,6 +37,10 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # Mappings that take keys their YAML does not list: every option of every network family, checked
 # against the network's constructor with the rest of the config (utils.runtime.check_config).
 OPEN_KEYS = ("model_kwargs",)
+# Where and how a run executes, not what it learns: on --resume these come from the resuming
+# command (another machine, another worker count), every other key from the checkpoint.
+RUN_KEYS = ("out_dir", "resume", "gpu", "num_workers", "print_every", "plot_every_seconds",
+            "timeout_minutes", "eval_batch_size", "num_examples")
 
 
 class Config(dict):
@@ -197,11 +206,14 @@ def parse_set(assignments):
     return nested
 
 
-def load_config(script, argv=None, description=None, preset=None):
+def load_config(script, argv=None, description=None, preset=None, saved_settings=None):
     """Resolve the config of `script` (the name of `configs/<script>.yaml`) from YAML and flags.
 
     `preset(cfg) -> path or None` may name a YAML file to insert below the user's overrides
-    once the merged config is known (used for the phantom preset). Returns a `Config`.
+    once the merged config is known (used for the phantom preset). `saved_settings(path) ->
+    (config, overrides)` reads a checkpoint's config and the keys its run was given explicitly
+    (None when the checkpoint does not say); with it a config whose `resume` names a checkpoint
+    takes that checkpoint's settings beneath the user's overrides. Returns a `Config`.
     """
     defaults, helps = read_yaml_chain(CONFIG_DIR / f"{script}.yaml")
     parser = argparse.ArgumentParser(
@@ -244,12 +256,22 @@ def load_config(script, argv=None, description=None, preset=None):
         return merged
 
     resolved = resolve(user_layers)
+    overrides = sorted(flag_values) + sorted(parse_set(args.set))
+    if resolved.get("resume") and saved_settings is not None:
+        saved, saved_overrides = saved_settings(resolved["resume"])
+        # keys a newer version no longer has are left out; the engine names them on resume
+        kept = {key: value for key, value in saved.items() if key in defaults and key not in RUN_KEYS}
+        user_layers.insert(0, (kept, f"{resolved['resume']} (the config it was trained with)"))
+        if saved_overrides is None:  # an older checkpoint: what differs from today's defaults
+            saved_overrides = [key for key, value in kept.items() if value != defaults[key]]
+        overrides = sorted(set(overrides) | (set(saved_overrides) - set(RUN_KEYS)))
+        resolved = resolve(user_layers)
     preset_path = preset(Config(resolved)) if preset else None
     if preset_path is not None:
         preset_values, _ = read_yaml_chain(preset_path)
         resolved = resolve([(preset_values, preset_path)] + user_layers)
     cfg = Config(resolved)
-    cfg["_overrides"] = sorted(flag_values) + sorted(parse_set(args.set))
+    cfg["_overrides"] = overrides
     if preset_path is not None:
         cfg["_preset"] = str(preset_path)
     return cfg

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.config import config_to_yaml
+from utils.config import RUN_KEYS, config_to_yaml, yaml_text
 from utils.errors import InputError, TrainingDiverged
 from utils.files import atomic_path
 from utils.inference import predict_slices
@@ -200,6 +200,12 @@ class TrainingRun:
         self.history = list(state["history"])
         print(f"Resumed from {path}: epoch {state['epoch'] + 1} done, best "
               f"{self.cfg.select_metric} {self.best_score:.4f}")
+        changed = [f"{key} {yaml_text(saved)} -> "
+                   + (yaml_text(self.cfg[key]) if key in self.cfg else "(no longer a setting)")
+                   for key, saved in state["config"].items()
+                   if key not in RUN_KEYS and (key not in self.cfg or self.cfg[key] != saved)]
+        if changed:
+            print("note: resumed with settings other than the run's own: " + "; ".join(changed))
         trained_with = state.get("world_size", 1)
         if trained_with != distributed.world_size():
             print(f"note: {path} was trained by {trained_with} process(es), this run has "
@@ -320,6 +326,7 @@ class TrainingRun:
                  "best_score": self.best_score, "bad_evaluations": self.bad_evaluations,
                  "history": self.history, "world_size": distributed.world_size(),
                  "config": {k: v for k, v in self.cfg.items() if not k.startswith("_")},
+                 "overrides": list(self.cfg.get("_overrides", ())),
                  "data": self.facts}
         state.update({name: module.state_dict() for name, module in self.modules.items()})
         save_checkpoint(state, self.dir / "last.pth")

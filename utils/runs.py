@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from utils.config import RUN_KEYS
 from utils.errors import InputError, run_cli
 
 METHOD_HEADER = "# method:"  # config.yaml's first line, written by the training scripts
-IGNORED_KEYS = {"out_dir", "resume", "gpu", "num_workers", "print_every", "plot_every_seconds",
-                "timeout_minutes", "eval_batch_size", "num_examples", "seed"}
+IGNORED_KEYS = {*RUN_KEYS, "seed"}  # how a run executed, and the seed (arms pair on it)
 
 
 def find_runs(patterns):

@@ -28,6 +28,7 @@ from dataloaders.phantom import COMPLETE_MARKER, ensure_phantom
 from networks import MODELS, model_options
 from utils import distributed
 from utils.builders import network_family
+from utils.checkpoint import saved_settings
 from utils.config import CONFIG_DIR, config_to_yaml, load_config
 from utils.errors import InputError
 from utils.inference import TTA_MODES
@@ -60,7 +61,8 @@ def setup(script, argv, description, derive=None):
     `PHANTOM_DIRS[label_mode]` (once). Under torchrun this also joins the process group
     (utils/distributed.py).
     """
-    cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c))
+    cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c),
+                      saved_settings=saved_settings)
     distributed.print_from_main_only()
     check_config(cfg, script)
     cfg.select_metric = selection_metric(cfg)
