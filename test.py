@@ -271,11 +271,13 @@ def split_entry(scores, areas, data, slices):
 
 
 def write_scores(path, checkpoints, cfg, data, splits):
-    """Write scores.json: what was scored (checkpoints, weights, TTA, post-processing, the
-    training config) and one `split_entry` per scored split. Returns a note for the summary."""
+    """Write scores.json: what was scored (checkpoints, weights, TTA, background scale,
+    post-processing, the training config) and one `split_entry` per scored split. Returns a note
+    for the summary."""
     document = {"checkpoints": [str(c.path) for c in checkpoints],
                 "weights": [c.weights for c in checkpoints], "tta": cfg.tta,
-                "postprocess": cfg.postprocess, "baseline": cfg.baseline or None,
+                "background_scale": cfg.background_scale, "postprocess": cfg.postprocess,
+                "baseline": cfg.baseline or None,
                 "data": str(data.root), "label_mode": data.label_mode,
                 "config": checkpoints[0].config if checkpoints else None}
     if len(checkpoints) > 1:
@@ -320,6 +322,10 @@ def load_members(patterns, cfg):
         raise InputError("--postprocess: cleans class maps per class; the structures of an "
                          "instance checkpoint are already cleaned by the watershed (small "
                          "seeds merged, small regions removed)")
+    if "background_scale" in cfg._overrides and checkpoints[0].label_mode == "instance":
+        raise InputError("--background_scale: scales the background of class maps; an instance "
+                         "checkpoint's structures come from its background / interior / boundary "
+                         "probabilities by the watershed")
     return checkpoints
 
 
@@ -332,8 +338,8 @@ def finished(labels, cfg, label_mode="class"):
 
 
 def model_predictor(checkpoints, cfg, device, label_mode):
-    """The predict function of `checkpoints` (their ensemble when several), with `--tta` and
-    `--postprocess`: `predict(images (N,H,W), each_member=False)` returns (labels (N,H,W), each
+    """The predict function of `checkpoints` (their ensemble when several), with `--tta`,
+    `--background_scale` and `--postprocess`: `predict(images (N,H,W), each_member=False)` returns (labels (N,H,W), each
     member's labels (M,N,H,W) when `each_member`, else None)."""
     members = [c.member for c in checkpoints]
 
@@ -341,7 +347,7 @@ def model_predictor(checkpoints, cfg, device, label_mode):
         prediction = predict_ensemble(members, images, device, cfg.batch_size, cfg.tta,
                                       each_member=each_member,
                                       progress=lambda it: tqdm(it, desc="predict", leave=False),
-                                      label_mode=label_mode)
+                                      label_mode=label_mode, background_scale=cfg.background_scale)
         member_labels = ([finished(labels, cfg, label_mode) for labels in prediction.member_labels]
                          if each_member else None)
         return finished(prediction.labels, cfg, label_mode), member_labels

@@ -191,6 +191,7 @@ MODEL_NAMES = ("attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3,
     ("test", ["--split", "all"], "--split: unknown 'all' (choose val, train, test, oof)"),
     ("test", ["--weights", "ema"], "--weights: unknown 'ema' (choose teacher or student)"),
     ("test", ["--baseline", "otsu"], "--baseline: unknown 'otsu' (the only one is watershed)"),
+    ("test", ["--background_scale", "-0.5"], "--background_scale: must be >= 0 (1 = plain argmax), got -0.5"),
     # the combinations refused
     ("unimatch", ["--edge_guided"], "edge_guided: not supported by train_unimatch.py (its feature-perturbed "
                                     "stream decodes plain features); use train_supervised.py or "

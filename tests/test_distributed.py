@@ -103,7 +103,7 @@ def test_rank_zero_alone_writes_and_its_checkpoint_is_a_plain_one(two_by_two, wo
     monkeypatch.chdir(workdir)
     monkeypatch.setattr(torch.nn, "BatchNorm2d", torch.nn.Identity)   # the network it trained
     test_script.main(["--ckpt", str(run / "best.pth"), "--gpu", "-1", "--tta", "none",
-                      "--no-postprocess"])  # as validated
+                      "--no-postprocess", "--background_scale", "1"])  # as validated
     best = max(records(run), key=lambda r: r["val_dice"])
     assert f"per-class Dice {best['val_dice']:.4f}" in capsys.readouterr().out
 

@@ -46,12 +46,13 @@ def test_a_run_writes_every_output(trained):
 
 
 def test_test_py_reproduces_the_logged_validation_score(trained, capsys, monkeypatch):
-    """With the training's own evaluation (no TTA, no post-processing: test.py's defaults add
-    both) test.py scores the validation split exactly as the log did."""
+    """With the training's own evaluation (no TTA, no post-processing, the plain argmax: test.py's
+    defaults add all three) test.py scores the validation split exactly as the log did."""
     monkeypatch.chdir(trained.parent)
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     best = max(records, key=lambda r: r["val_dice"])
-    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess",
+                      "--background_scale", "1"])
     out = capsys.readouterr().out
     assert f"per-class Dice {best['val_dice']:.4f} | Rand index {best['val_rand']:.4f}" in out
     assert "Predicted vs true area per class (annotated slices only):" in out
@@ -219,7 +220,7 @@ def test_images_folder_of_two_sizes_gets_a_label_png_each(trained, tiny_phantom,
     odd = cv2.resize(cv2.imread(str(sources[0]), cv2.IMREAD_GRAYSCALE), (80, 96))
     cv2.imwrite(str(folder / "odd.png"), odd)
     ckpt = str(trained / "best.pth")
-    plain = ["--tta", "none", "--no-postprocess"]  # as `predict_slices` below
+    plain = ["--tta", "none", "--no-postprocess", "--background_scale", "1"]  # as `predict_slices` below
     test_script.main(["--ckpt", ckpt, "--out", str(tmp_path / "reference.csv")] + plain)
     reference, names, _ = read_label_csv(tmp_path / "reference.csv")
     capsys.readouterr()

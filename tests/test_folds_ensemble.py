@@ -123,21 +123,25 @@ def read_submission(path):
 
 
 def test_ensemble_is_the_argmax_of_the_members_mean_softmax(tiny_phantom, tmp_path, capsys):
-    """Two members with different image sizes (32 and 64) and normalisations."""
+    """Two members with different image sizes (32 and 64) and normalisations; the background
+    probability of the mean (and of each member, for its own line) scaled by --background_scale."""
     data = load_challenge(tiny_phantom)
     models = [save_member(tmp_path / "a" / "best.pth", tiny_phantom, 32, 0, NORMS[0]),
               save_member(tmp_path / "b" / "best.pth", tiny_phantom, 64, 1, NORMS[1])]
     out = tmp_path / "ensemble.csv"
     test_script.main(["--gpu", "-1", "--ckpt", str(tmp_path / "a" / "best.pth"),
                       str(tmp_path / "b" / "best.pth"), "--out", str(out), "--tta", "none",
-                      "--no-postprocess"])
+                      "--no-postprocess", "--background_scale", "0.5"])
     printed = capsys.readouterr().out
     names, submitted = read_submission(out)
     assert names == list(data.test_names)
 
+    def background_halved(probabilities):
+        return torch.cat([probabilities[:, :1] / 2, probabilities[:, 1:]], 1)
+
     images = np.asarray(data.test_images)
-    each = [softmax_at_file_size(m, images, size, norm)
-            for m, size, norm in zip(models, (32, 64), NORMS)]
+    unscaled = [softmax_at_file_size(m, images, size, norm) for m, size, norm in zip(models, (32, 64), NORMS)]
+    each = [background_halved(probabilities) for probabilities in unscaled]
     mean = (each[0] + each[1]) / 2
     expected = mean.argmax(1).numpy()
     top2 = mean.topk(2, dim=1).values
@@ -146,6 +150,7 @@ def test_ensemble_is_the_argmax_of_the_members_mean_softmax(tiny_phantom, tmp_pa
     np.testing.assert_array_equal(submitted.reshape(expected.shape)[clear], expected[clear])
     # the members differ, so averaging changed something (else this test could not fail)
     assert (each[0].argmax(1) != each[1].argmax(1)).any()
+    assert (((unscaled[0] + unscaled[1]) / 2).argmax(1).numpy() != expected).any()  # and so did the scale
 
     for path, probabilities in zip(("a", "b"), each):
         scores = score_predictions(data.test_masks, probabilities.argmax(1).numpy().astype(np.uint8),

@@ -1,7 +1,7 @@
 """Test-time augmentation (utils/inference.py): shifted and rescaled views are moved back onto the
 slice before averaging, flipped views are flipped back, and a model that only looks at each
 pixel's own value predicts the same with and without augmentation; class labels are the first
-maximum of each pixel."""
+maximum of each pixel, after the background probability is scaled by `background_scale`."""
 import math
 
 import numpy as np
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from utils.inference import labels_from_probabilities, predict_probabilities, predict_slices
+from utils.inference import (Member, labels_from_probabilities, predict_ensemble, predict_probabilities,
+                             predict_slices)
 
 NORM = {"mean": 0.0, "std": 1.0}  # uint8 0 / 255 → network input 0 / 1
 
@@ -137,3 +138,39 @@ def test_class_labels_are_the_first_maximum_of_each_pixel():
                            for x in range(6)] for y in range(7)] for b in range(3)])
     np.testing.assert_array_equal(labels, expected)
     assert labels[0, 1, 1] == 2 and labels[1, 2, 3] == 0
+
+
+def test_background_scale_multiplies_the_background_probability_before_the_argmax():
+    # one pixel per row: (background, organ 1, organ 2)
+    pixels = torch.tensor([[0.50, 0.30, 0.20],    # × 0.5 = 0.25 < 0.30: organ 1
+                           [0.70, 0.20, 0.10],    # × 0.5 = 0.35 > 0.20: still background
+                           [0.40, 0.25, 0.35],    # × 0.5 = 0.20 < 0.35: organ 2
+                           [0.35, 0.45, 0.20],    # organ 1; × 2 = 0.70 > 0.45: background
+                           [0.10, 0.60, 0.30],    # organ 1 at every scale here
+                           [0.98, 0.01, 0.01]])   # background down to a scale of 1/98
+    probabilities = pixels.T.reshape(1, 3, 2, 3)
+    untouched = probabilities.clone()
+    expected = {1.0: [0, 0, 0, 1, 1, 0], 0.5: [1, 0, 2, 1, 1, 0], 2.0: [0, 0, 0, 0, 1, 0],
+                0.0: [1, 1, 2, 1, 1, 1]}                  # 0: background is never chosen
+    for scale, labels in expected.items():
+        assert labels_from_probabilities(probabilities, "class", scale).ravel().tolist() == labels
+    torch.testing.assert_close(probabilities, untouched)  # the caller's probabilities unchanged
+
+
+class ConstantProbabilities(nn.Module):
+    """Log-probabilities (0.5, 0.3, 0.2) at every pixel, whatever the input."""
+
+    def forward(self, x):
+        logits = torch.tensor([0.5, 0.3, 0.2]).log().view(1, 3, 1, 1)
+        return logits.expand(len(x), 3, *x.shape[-2:])
+
+
+def test_an_ensemble_scales_the_background_of_its_mean_and_of_each_member():
+    members = [Member(ConstantProbabilities(), 8, NORM)] * 2
+    images = np.zeros((2, 8, 8), np.uint8)
+    plain = predict_ensemble(members, images, "cpu", each_member=True)
+    scaled = predict_ensemble(members, images, "cpu", with_confidence=True, each_member=True,
+                              background_scale=0.5)  # 0.25 < 0.3: organ 1 everywhere
+    assert (plain.labels == 0).all() and (plain.member_labels == 0).all()
+    assert (scaled.labels == 1).all() and (scaled.member_labels == 1).all()
+    np.testing.assert_allclose(scaled.confidence, 0.5, rtol=1e-6)  # the unscaled maximum

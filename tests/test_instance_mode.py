@@ -230,9 +230,12 @@ def test_options_that_read_classes_are_refused_in_instance_mode(flags, message, 
     assert one_line_error(capsys, train_supervised.main, argv).startswith(message)
 
 
-def test_postprocess_is_refused_for_an_instance_checkpoint(instance_data, workdir, capsys):
+def test_class_map_options_are_refused_for_an_instance_checkpoint(instance_data, workdir, capsys):
     train_supervised.main(TINY + ["--data", str(instance_data), "--out_dir", "run",
                                   "--epochs", "1", "--iters_per_epoch", "1"])
     error = one_line_error(capsys, test_script.main, ["--ckpt", "run/best.pth", "--gpu", "-1",
                                                       "--postprocess", "true"])
     assert error.startswith("error: --postprocess: cleans class maps per class")
+    error = one_line_error(capsys, test_script.main, ["--ckpt", "run/best.pth", "--gpu", "-1",
+                                                      "--background_scale", "0.5"])
+    assert error.startswith("error: --background_scale: scales the background of class maps")

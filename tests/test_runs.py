@@ -192,13 +192,15 @@ def test_test_py_writes_scores_json(workdir, tiny_phantom, capsys):
     train_supervised.main(["--config", "configs/tiny.yaml", "--data", str(tiny_phantom),
                            "--out_dir", "run", "--epochs", "1"])
     capsys.readouterr()
-    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none",
+                      "--background_scale", "0.7"])
     out = capsys.readouterr().out
     scores = json.loads((workdir / "run" / "scores.json").read_text())
     assert f"scores {workdir / 'run' / 'scores.json'}" in out.splitlines()[-1]
     assert {"checkpoints", "weights", "tta", "postprocess", "config", "val", "test"} <= set(scores)
     assert scores["checkpoints"] == ["run/best.pth"] and scores["weights"] == ["student"]
     assert scores["config"]["epochs"] == 1 and scores["tta"] == "none" and "member_configs" not in scores
+    assert scores["background_scale"] == 0.7
     printed = re.search(r"^test \(6 slices, full labels\): per-class Dice (\d\.\d{4})", out, re.MULTILINE)
     test = scores["test"]
     assert test["slices"] == 6 and f"{test['dice']:.4f}" == printed.group(1)
@@ -231,3 +233,15 @@ def test_one_data_folder_spelled_two_ways_is_one_setting(tmp_path, monkeypatch, 
     runs_module.main([str(tmp_path / "a-s0"), str(tmp_path / "a-s1"), str(tmp_path / "b-s0")])
     out = capsys.readouterr().out
     assert "  loss=dice: n 2, mean 0.3500" in out and "data=" not in out
+
+
+def test_test_scores_from_different_test_py_settings_are_noted(tmp_path, capsys):
+    for seed in (0, 1):
+        make_run(tmp_path, f"a-s{seed}", seed, test_dice=0.3)
+    out = run_main(capsys, [str(tmp_path / "*")])
+    assert "different --tta" not in out
+    scores_path = tmp_path / "a-s1" / "scores.json"
+    scores_path.write_text(json.dumps({**json.loads(scores_path.read_text()), "background_scale": 0.5}))
+    out = run_main(capsys, [str(tmp_path / "*")])
+    assert ("note: the test scores were computed with different --tta / --background_scale / "
+            "--postprocess settings") in out

@@ -638,7 +638,7 @@ def test_eval_weights_is_the_network_validated_and_tested(eval_weights, workdir,
         capsys.readouterr()
         choice = ["--weights", weights] if weights else []
         test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess",
-                          "--out", f"{weights or 'default'}/submission.csv", *choice])
+                          "--background_scale", "1", "--out", f"{weights or 'default'}/submission.csv", *choice])
         scored[weights] = json.loads((workdir / (weights or "default") / "scores.json").read_text())["val"]["dice"]
         assert f"{weights or eval_weights} weights" in capsys.readouterr().out
     other = {"student": "teacher", "teacher": "student"}[eval_weights]

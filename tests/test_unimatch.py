@@ -229,7 +229,8 @@ def test_two_iteration_smoke_run_writes_a_checkpoint_test_py_reads(mix_source, t
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert {"loss_x", "loss_s", "loss_fp", "conf_ratio", "val_dice"} <= set(record)
     assert record["iteration"] == 2
-    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess"])
+    test_script.main(["--ckpt", "run/best.pth", "--gpu", "-1", "--tta", "none", "--no-postprocess",
+                      "--background_scale", "1"])
     out = capsys.readouterr().out
     assert f"per-class Dice {record['val_dice']:.4f}" in out and "trained by unimatch" in out
 

@@ -32,6 +32,7 @@ from utils.errors import InputError, run_cli
 
 METHOD_HEADER = "# method:"  # config.yaml's first line, written by the training scripts
 IGNORED_KEYS = {*RUN_KEYS, "seed"}  # how a run executed, and the seed (arms pair on it)
+TEST_SETTINGS = ("tta", "background_scale", "postprocess")  # test.py's, recorded in scores.json
 
 
 def find_runs(patterns):
@@ -193,10 +194,11 @@ def print_runs(runs, keys):
                        f"{best[0]:.4f} ({best[1]})" if best else "-",
                        number(test.get("dice")), number(test.get("rand")), number(fg)] + counts)
     print_table(rows)
-    settings = {json.dumps([run["scores"].get("tta"), run["scores"].get("postprocess")])
+    settings = {json.dumps([run["scores"].get(key) for key in TEST_SETTINGS])
                 for run in runs if run["scores"]}
     if len(settings) > 1:
-        print("note: the test scores were computed with different --tta / --postprocess settings")
+        print("note: the test scores were computed with different "
+              f"{' / '.join('--' + key for key in TEST_SETTINGS)} settings")
     for run in runs:
         scored = (run["scores"] or {}).get("checkpoints")
         if run["scores"] and (not isinstance(scored, list) or len(scored) != 1

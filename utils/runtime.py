@@ -17,6 +17,7 @@ Exact resume rests on `epoch_seed`: a training loop re-seeds every generator fro
 at the start of each epoch, so a run resumed after epoch e repeats epoch e+1 exactly.
 """
 import functools
+import math
 import random
 from pathlib import Path
 
@@ -276,7 +277,10 @@ def check_teacher_student_options(cfg):
 
 
 def check_test_options(cfg):
-    """test.py's refusals that its config alone decides: `--baseline` with what needs a model."""
+    """test.py's refusals that its config alone decides: a `--background_scale` below 0 or not
+    finite, and `--baseline` with what needs a model."""
+    if not 0 <= cfg.background_scale < math.inf:
+        raise InputError(f"--background_scale: must be >= 0 (1 = plain argmax), got {cfg.background_scale}")
     if not cfg.baseline:
         return
     if not cfg.data:
