@@ -276,7 +276,8 @@ def write_scores(path, checkpoints, cfg, data, splits):
     for the summary."""
     document = {"checkpoints": [str(c.path) for c in checkpoints],
                 "weights": [c.weights for c in checkpoints], "tta": cfg.tta,
-                "background_scale": cfg.background_scale, "postprocess": cfg.postprocess,
+                **{key: cfg[key] if data.label_mode == "class" else None  # class maps only
+                   for key in ("background_scale", "postprocess")},
                 "baseline": cfg.baseline or None,
                 "data": str(data.root), "label_mode": data.label_mode,
                 "config": checkpoints[0].config if checkpoints else None}
@@ -339,8 +340,8 @@ def finished(labels, cfg, label_mode="class"):
 
 def model_predictor(checkpoints, cfg, device, label_mode):
     """The predict function of `checkpoints` (their ensemble when several), with `--tta`,
-    `--background_scale` and `--postprocess`: `predict(images (N,H,W), each_member=False)` returns (labels (N,H,W), each
-    member's labels (M,N,H,W) when `each_member`, else None)."""
+    `--background_scale` and `--postprocess`: `predict(images (N,H,W), each_member=False)`
+    returns (labels (N,H,W), each member's labels (M,N,H,W) when `each_member`, else None)."""
     members = [c.member for c in checkpoints]
 
     def predict(images, each_member=False):

@@ -2,6 +2,7 @@
 the shared prediction, 2-iteration runs of the three training scripts that test.py scores by the
 Rand index and writes as ids, the phantom of the mode, and the one-line refusals."""
 import csv
+import json
 import re
 from types import SimpleNamespace
 
@@ -195,6 +196,8 @@ def test_each_script_trains_in_instance_mode_and_test_py_scores_ids(name, instan
     printed = float(out.split("test (6 slices, full labels): Rand index ")[1].split()[0])
     assert printed == pytest.approx(rand_index(data.test_masks, ids), abs=5e-5)
     assert len(list((workdir / "run" / "predictions_png").glob("*.png"))) == 2
+    scores = json.loads((workdir / "run" / "scores.json").read_text())
+    assert scores["background_scale"] is None and scores["postprocess"] is None  # class maps only
 
 
 def test_no_data_folder_means_the_instance_phantom(workdir, monkeypatch):
