@@ -104,11 +104,12 @@ def labels_from_probabilities(probabilities, label_mode, background_scale=1.0):
     that much more likely than its most likely organ (README, Evaluation and submission)."""
     if label_mode == "instance":
         return structures_from_probabilities(probabilities).astype(np.uint8)  # ids <= 255
+    # the same argmax (first maximum) over contiguous class values: ~1.6x faster than along dim 1;
+    # that one copy also takes the background scale, leaving the caller's probabilities alone
+    values = probabilities.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)
     if background_scale != 1:
-        probabilities = probabilities.clone()
-        probabilities[:, 0] *= background_scale
-    # the same argmax (first maximum) over contiguous class values: ~1.6x faster than along dim 1
-    return probabilities.permute(0, 2, 3, 1).contiguous().argmax(-1).cpu().numpy().astype(np.uint8)
+        values[..., 0] *= background_scale
+    return values.argmax(-1).cpu().numpy().astype(np.uint8)
 
 
 @torch.no_grad()
