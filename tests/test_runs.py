@@ -245,3 +245,25 @@ def test_test_scores_from_different_test_py_settings_are_noted(tmp_path, capsys)
     out = run_main(capsys, [str(tmp_path / "*")])
     assert ("note: the test scores were computed with different --tta / --background_scale / "
             "--postprocess settings") in out
+
+
+def test_a_path_per_seed_pairs_runs_instead_of_forming_arms(tmp_path, capsys):
+    """Each seed's own warm start (init_ckpt sup-s<seed>) is the seed's, not an arm's: two arms
+    (conf_thresh 0.95 / 0.8), each seed from its own checkpoint, pair seed by seed; against runs
+    from scratch (init_ckpt '') the path is an arm difference again."""
+    for seed, (a, b) in enumerate(((0.40, 0.43), (0.50, 0.49))):
+        warm = f"runs/sup-s{seed}/best.pth"
+        make_run(tmp_path, f"a-s{seed}", seed, a, init_ckpt=warm, conf_thresh=0.95)
+        make_run(tmp_path, f"b-s{seed}", seed, b, init_ckpt=warm, conf_thresh=0.8)
+    out = run_main(capsys, [str(tmp_path / "*")])
+    assert out.splitlines()[0].split()[:4] == ["run", "conf_thresh", "init_ckpt", "seed"]
+    assert "note: init_ckpt: one path per seed, paired with the seed rather than forming arms" in out
+    lines = out.splitlines()
+    at = lines.index("  B conf_thresh=0.8  vs  A conf_thresh=0.95:")
+    assert lines[at + 1] == "    +0.0100 mean over 2 seeds (1/2 ahead): s0 +0.0300, s1 -0.0100"
+    make_run(tmp_path, "scratch-s0", 0, 0.3, init_ckpt="", conf_thresh=0.95)
+    out = run_main(capsys, [str(tmp_path / "*")])
+    assert "one path per seed" not in out
+    assert "  conf_thresh=0.95 init_ckpt=runs/sup-s0/best.pth: n 1" in out
+    out = run_main(capsys, [str(tmp_path / "a-s0"), str(tmp_path / "b-s0")])  # one seed: no pairing by path
+    assert "one path per seed" not in out and "init_ckpt" not in out.splitlines()[0]

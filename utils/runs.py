@@ -17,6 +17,9 @@ A run directory holds `config.yaml`, `log.jsonl` and, after `python test.py --ck
    run has one (no scores.json) each run's validation score at its best epoch, marked `[val]`;
 3. paired differences between every two arms with the same kind of score over the seeds both
    have: per seed B - A, their mean and how many seeds B is ahead.
+A setting that holds one path per seed (each seed's own warm start as `init_ckpt`: the same path
+for every run of a seed, another for each seed) belongs to the seed, not to an arm: it is shown in
+the rows and left out of the arms, with a note.
 """
 import argparse
 import glob
@@ -131,6 +134,22 @@ def differing_keys(runs):
         has_key = {(run["config"].get("method"), key in run["config"]) for run in runs}
         return len(values) > 1 or len(has_key) > len({method for method, _ in has_key})
     return [key for key in shaping if differs(key)]
+
+
+def per_seed_paths(runs, keys):
+    """The keys among `keys` whose value is a path (text) that every run of a seed shares and
+    that differs between seeds, e.g. `init_ckpt: runs/sup-s<seed>/best.pth`: they pair runs by seed
+    instead of telling arms apart. None with runs of one seed only."""
+    def follows_seed(key):
+        by_seed = {}
+        for run in runs:
+            value = run["config"].get(key)
+            if not isinstance(value, str) or not value:
+                return False
+            by_seed.setdefault(json.dumps(run["config"].get("seed")), set()).add(value)
+        paths = [path for values in by_seed.values() for path in values]
+        return len(by_seed) > 1 and len(paths) == len(by_seed) == len(set(paths))
+    return [key for key in keys if follows_seed(key)]
 
 
 def setting(value):
@@ -286,7 +305,11 @@ def main(argv=None):
                                            for r in runs) else "rand")
     keys = differing_keys(runs)
     print_runs(runs, keys)
-    arms = group_arms(runs, keys)
+    seed_keys = per_seed_paths(runs, keys)
+    if seed_keys:
+        print(f"note: {', '.join(seed_keys)}: one path per seed, paired with the seed rather than "
+              "forming arms")
+    arms = group_arms(runs, [key for key in keys if key not in seed_keys])
     print_arms(arms, metric)
     print_pairs(arms, metric)
 
