@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from utils.inference import (Member, labels_from_probabilities, predict_ensemble, predict_probabilities,
-                             predict_slices)
+                             predict_slices, shift_background)
 
 NORM = {"mean": 0.0, "std": 1.0}  # uint8 0 / 255 → network input 0 / 1
 
@@ -173,4 +173,17 @@ def test_an_ensemble_scales_the_background_of_its_mean_and_of_each_member():
                               background_scale=0.5)  # 0.25 < 0.3: organ 1 everywhere
     assert (plain.labels == 0).all() and (plain.member_labels == 0).all()
     assert (scaled.labels == 1).all() and (scaled.member_labels == 1).all()
-    np.testing.assert_allclose(scaled.confidence, 0.5, rtol=1e-6)  # the unscaled maximum
+    # the confidence of the label given: (0.25, 0.3, 0.2) / 0.75 -> 0.4
+    np.testing.assert_allclose(scaled.confidence, 0.4, rtol=1e-6)
+    plain = predict_ensemble(members, images, "cpu", with_confidence=True)
+    np.testing.assert_allclose(plain.confidence, 0.5, rtol=1e-6)
+
+
+def test_shift_background_renormalises_and_survives_a_certain_background():
+    probabilities = torch.tensor([[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 1, 2)
+    torch.testing.assert_close(shift_background(probabilities, 0.5)[0, :, 0, 0],
+                               torch.tensor([0.25, 0.3, 0.2]) / 0.75)
+    assert shift_background(probabilities, 1.0) is probabilities
+    zero = shift_background(probabilities, 0.0)
+    torch.testing.assert_close(zero[0, :, 0, 0], torch.tensor([0.0, 0.6, 0.4]))
+    assert torch.isfinite(zero).all() and zero[0, :, 0, 1].tolist() == [0.0, 0.0, 0.0]

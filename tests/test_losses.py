@@ -16,7 +16,7 @@ from utils.losses import (
     build_stream_loss, cross_entropy, dice_loss, exclusion_loss, marginal_cross_entropy,
     marginal_dice_loss, mse_consistency, unannotated_class_weights, zero_pixel_loss)
 from utils.priors import (class_area_bounds, class_area_statistics, drop_oversized_pseudo_labels,
-                          labeled_annotation_frequency, labeled_area_bounds)
+                          labeled_annotation_frequency, labeled_area_bounds, teacher_labels)
 from utils.runtime import check_choices
 
 B, C, H, W = 2, 4, 5, 6
@@ -659,6 +659,29 @@ def test_area_term_in_the_supervised_and_stream_losses():
     stream = build_stream_loss("ce", cfg, bounds)(logits, target, ignore)
     assert stream.item() == pytest.approx(cross_entropy(logits, target, ignore).item()
                                           + 3.0 * area_loss_loop(logits, bounds))
+
+
+def test_teacher_labels_shift_the_background_prior_and_renormalise():
+    # pixel 0: background and class 1 tie (logits 0, 0, -1); pixel 1: confident background
+    # (p = 0.98, 0.01, 0.01)
+    e = math.exp(-1)
+    logits = torch.tensor([[0.0, math.log(0.98)], [0.0, math.log(0.01)], [-1.0, math.log(0.01)]])
+    logits = logits.view(1, 3, 1, 2).requires_grad_()
+    confidence, labels = teacher_labels(logits)
+    assert labels.tolist() == [[[0, 0]]]
+    assert confidence.flatten().tolist() == pytest.approx([1 / (2 + e), 0.98])
+    # p0 halved and renormalised: (0.5, 1, e) / (1.5 + e) and (0.49, 0.01, 0.01) / 0.51
+    confidence, labels = teacher_labels(logits, 0.5)
+    assert labels.tolist() == [[[1, 0]]]
+    assert confidence.flatten().tolist() == pytest.approx([1 / (1.5 + e), 0.49 / 0.51])
+    assert confidence.dtype == torch.float32 and not confidence.requires_grad
+    # 0: background never chosen; the organs' own distribution is left
+    confidence, labels = teacher_labels(logits, 0.0)
+    assert labels.tolist() == [[[1, 1]]]
+    assert confidence.flatten().tolist() == pytest.approx([1 / (1 + e), 0.5])
+    # above 1 the tie goes to background with (2, 1, e) / (3 + e)
+    confidence, labels = teacher_labels(logits, 2.0)
+    assert labels.tolist() == [[[0, 0]]] and confidence[0, 0, 0].item() == pytest.approx(2 / (3 + e))
 
 
 def test_oversized_pseudo_labels_are_ignored():

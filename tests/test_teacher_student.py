@@ -183,7 +183,8 @@ def bcp_batches(n=4, size=16):
 def bcp_cfg(**changes):
     return SimpleNamespace(**{"u_weight": 0.5, "edge_weight": 1.0, "edge_guided": False,
                               "partial_labels": True, "conf_thresh": 0.5, "label_mode": "class",
-                              "plain_weight": 0.0, "consistency": "mse", **changes})
+                              "plain_weight": 0.0, "consistency": "mse", "pseudo_background_scale": 1.0,
+                              **changes})
 
 
 class NoUpdate:
@@ -394,6 +395,24 @@ def test_hard_consistency_trains_the_teachers_confident_argmax(bounds, expected_
     assert math.isclose(logs["conf_teacher"].item(), (0.9 + 0.6) / 2, rel_tol=1e-6)
 
 
+def test_the_pseudo_background_scale_shifts_the_teachers_soft_and_hard_targets():
+    """Teacher (0.5, 0.5) on every pixel; at pseudo_background_scale 0.5 it teaches (1/3, 2/3)."""
+    batch_x = {"image": torch.zeros(1, 1, 2, 2), "mask": torch.zeros(1, 2, 2, dtype=torch.long),
+               "annotated": torch.ones(1, 2, dtype=torch.bool),
+               "certain_background": torch.zeros(1, 2, 2, dtype=torch.bool)}
+    teacher = FixedLogits(torch.zeros(2, 2, 4, 4))
+    _, logs = consistency_losses(LogitsByImage(), teacher, batch_x, identical_views(255), Recorder(),
+                                 Recorder(), bcp_cfg(pseudo_background_scale=0.5), weight=1.0)
+    # student (0.75, 0.25) against (1/3, 2/3): 2 · (5/12)², summed over the classes
+    assert math.isclose(logs["loss_u"].item(), 2 * (5 / 12) ** 2, rel_tol=1e-6)
+    assert math.isclose(logs["conf_teacher"].item(), 2 / 3, rel_tol=1e-6)
+    loss_stream = Recorder()
+    for scale, label in ((1.0, IGNORE), (0.5, 1)):  # τ 0.6: a tie is unsure, 2/3 is not
+        consistency_losses(LogitsByImage(), teacher, batch_x, identical_views(0), Recorder(), loss_stream,
+                           bcp_cfg(consistency="hard", conf_thresh=0.6, pseudo_background_scale=scale), 1.0)
+        assert (loss_stream.calls[-1]["target"] == label).all()
+
+
 def test_pseudo_labelled_slices_are_complete_labels_and_ground_truth_stays_partial():
     logits = torch.zeros(2, 3, 2, 2)
     logits[0, 1] = 10.0                     # labeled slice: would change the CE if it counted
@@ -493,6 +512,37 @@ def test_dual_teacher_takes_each_pixel_from_the_more_confident_teacher():
     assert torch.equal(pseudo[0], torch.tensor([2, 2, 1, 1, 1, 1]).expand(2, 6))
     best = torch.tensor([5.0, 4.0, 2.0, 3.0, 4.0, 5.0])
     assert torch.allclose(confidence[0, 0], best.exp() / (best.exp() + 2))
+
+
+def test_dual_teacher_shifts_each_teachers_background_before_comparing():
+    """Dynamic teacher (0.6, 0.4, 0), static (0.45, 0.1, 0.45): at scale 1 the dynamic one's
+    background (0.6) wins; at 0.5 they teach (0.3, 0.4, 0) / 0.7 and (0.225, 0.1, 0.45) / 0.775,
+    and the static teacher's class 2 (0.581) beats the dynamic one's class 1 (0.571)."""
+    def constant(probabilities):
+        return FixedLogits(torch.tensor(probabilities).clamp_min(1e-12).log().view(1, 3, 1, 1).expand(1, 3, 2, 2))
+    dynamic, static = constant([0.6, 0.4, 0.0]), constant([0.45, 0.1, 0.45])
+    images = torch.zeros(1, 1, 2, 2)
+    pseudo, confidence, from_static = dual_teacher_pseudo_labels(dynamic, static, images, False)
+    assert (pseudo == 0).all() and not from_static.any()
+    assert torch.allclose(confidence, torch.tensor(0.6))
+    pseudo, confidence, from_static = dual_teacher_pseudo_labels(dynamic, static, images, False, 0.5)
+    assert (pseudo == 2).all() and from_static.all()
+    assert torch.allclose(confidence, torch.tensor(0.45 / 0.775))
+
+
+def test_pseudo_label_set_takes_labels_and_confidence_after_the_background_scale(tmp_path):
+    """A teacher at (0.6, 0.4, 0) everywhere, τ 0.55: with the plain softmax every pixel is
+    confident background; at scale 0.5 class 1 at 0.4 / 0.7 = 0.571, still above τ."""
+    teacher = FixedLogits(torch.tensor([0.6, 0.4, 1e-12]).log().view(1, 3, 1, 1).expand(2, 3, 8, 8))
+    data = SimpleNamespace(train_names=["a", "b"], test_names=[], num_classes=3, label_mode="class")
+    facts = {"img_size": 8, "normalize": {"mean": 0.0, "std": 1.0}}
+    for scale, label, score in ((1.0, 0, 0.0), (0.5, 1, 0.4 / 0.7)):
+        cfg = SimpleNamespace(eval_batch_size=2, tta="none", label_mode="class", conf_thresh=0.55,
+                              pseudo_background_scale=scale)
+        arrays, logs = ts.pseudo_label_set(teacher, facts, data, np.zeros((2, 8, 8), np.uint8),
+                                           np.arange(2), 2, cfg, tmp_path / str(scale), "cpu")
+        assert (arrays.train_masks == label).all() and logs["pseudo_ignored"] == 0
+        assert logs["conf_pseudo"] == pytest.approx(score, rel=1e-5)  # mean confidence on foreground
 
 
 def test_largest_component_per_class_and_slice():

@@ -49,7 +49,7 @@ def test_paste_images_and_maps():
 def make_cfg(**changes):
     cfg = dict(cutmix_p=1.0, cutmix_area=[0.1, 0.3], cutmix_aspect=[0.5, 2.0], conf_thresh=0.95,
                fp_dropout=0.5, image_filter=0.0, mu_img=0.5, lambda_fp=0.5,
-               pseudo_area_filter=False, mix_source="loader")
+               pseudo_area_filter=False, mix_source="loader", pseudo_background_scale=1.0)
     cfg.update(changes)
     return SimpleNamespace(**cfg)
 
@@ -134,6 +134,12 @@ def test_an_unknown_mix_source_is_one_line(capsys):
     assert err == "error: mix_source: unknown 'both' (choose loader or batch)"
 
 
+def test_a_negative_pseudo_background_scale_is_one_line(capsys):
+    import train_unimatch
+    err = one_line_error(capsys, ["--pseudo_background_scale", "-0.5"], train_unimatch.main)
+    assert err == "error: pseudo_background_scale: must be >= 0 (1 = the plain softmax), got -0.5"
+
+
 def test_the_area_filter_ignores_a_class_beyond_its_bound():
     torch.manual_seed(0)
     model, stream = IntensityClassifier(), Recorder()
@@ -146,6 +152,34 @@ def test_the_area_filter_ignores_a_class_beyond_its_bound():
     box1 = model.decoded_batches[-1][:3, 0] == 0.0
     assert torch.equal(stream.calls[0]["target"], torch.where(box1, 2, IGNORE_INDEX))
     assert (stream.calls[2]["target"] == IGNORE_INDEX).all()    # the FP stream: all of u_w
+
+
+class BackgroundLeaning(IntensityClassifier):
+    """Softmax (0.6, 0.4, 0) on every pixel, whatever the input: background by a little."""
+
+    def decode(self, features, size):
+        logits = super().decode(features, size)
+        return logits * 0 + torch.tensor([math.log(0.6), math.log(0.4), -30.0]).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("scale, label, confidence", [(1.0, 0, 0.6), (0.5, 1, 0.4 / 0.7)])
+def test_pseudo_background_scale_shifts_every_stream_s_targets(scale, label, confidence):
+    """p0 × scale, renormalised: at 0.5 (0.3, 0.4) / 0.7 makes class 1 the pseudo-label, with
+    confidence 4/7 ≥ τ = 0.5, in the weak view's streams and in the mix batch's boxes alike."""
+    torch.manual_seed(0)
+    stream = Recorder()
+    batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0)
+    _, logs = unimatch_step(BackgroundLeaning(), batch_x, batch_u, batch_mix,
+                            lambda *a, **k: torch.tensor(0.0), stream,
+                            make_cfg(conf_thresh=0.5, pseudo_background_scale=scale))
+    for call in stream.calls:  # s1, s2 (boxes from the mix batch), FP
+        assert (call["target"] == label).all() and not call["ignore"].any()
+    assert logs["conf_ratio"].item() == 1.0
+    unsure = make_cfg(conf_thresh=confidence + 1e-3, pseudo_background_scale=scale)
+    stream = Recorder()
+    unimatch_step(BackgroundLeaning(), batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(0.0),
+                  stream, unsure)
+    assert all(call["ignore"].all() for call in stream.calls)  # the renormalised confidence is τ's
 
 
 def test_pixels_under_tau_are_ignored_and_get_no_gradient():

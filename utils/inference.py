@@ -112,6 +112,19 @@ def labels_from_probabilities(probabilities, label_mode, background_scale=1.0):
     return values.argmax(-1).cpu().numpy().astype(np.uint8)
 
 
+def shift_background(probabilities, background_scale):
+    """`[B,C,H,W]` probabilities with the background's (channel 0) multiplied by
+    `background_scale` and each pixel renormalised to sum to 1: the distribution whose argmax
+    `labels_from_probabilities` takes, and whose maximum is that label's confidence. A new tensor
+    (the input itself when the scale is 1)."""
+    if background_scale == 1:
+        return probabilities
+    weights = torch.ones(probabilities.shape[1], dtype=probabilities.dtype, device=probabilities.device)
+    weights[0] = background_scale
+    shifted = probabilities * weights.view(1, -1, 1, 1)
+    return shifted / shifted.sum(1, keepdim=True).clamp_min(torch.finfo(shifted.dtype).tiny)
+
+
 @torch.no_grad()
 def predict_ensemble(members, images, device, batch_size=16, tta="none", with_confidence=False,
                      each_member=False, progress=None, label_mode="class", background_scale=1.0):
@@ -119,7 +132,8 @@ def predict_ensemble(members, images, device, batch_size=16, tta="none", with_co
     `members` of their softmax (each with its own preprocessing and the `tta` views), resized to
     the file's resolution: its argmax (class mode) or its structures (instance mode: the 3-class
     probabilities are averaged first, then one watershed), with `background_scale` as in
-    `labels_from_probabilities` (the confidence stays the unscaled maximum). Returns a `Prediction`.
+    `labels_from_probabilities` (and the confidence the maximum of `shift_background`'s
+    distribution, the one the class labels come from). Returns a `Prediction`.
 
     Memory stays that of one network and one batch: for each batch of images the members run
     one after another, each moved to `device` only while it predicts (so the members can wait
@@ -155,19 +169,22 @@ def predict_ensemble(members, images, device, batch_size=16, tta="none", with_co
             total = probabilities if total is None else total.add_(probabilities)
         total.div_(len(members))
         result.labels[rows] = labels_from_probabilities(total, label_mode, background_scale)
-        if with_confidence:
-            result.confidence[rows] = total.max(1).values.cpu().numpy()
+        if with_confidence:  # instance mode: the watershed ignores the scale, and so does this
+            scale = background_scale if label_mode == "class" else 1
+            result.confidence[rows] = shift_background(total, scale).max(1).values.cpu().numpy()
     return result
 
 
 def predict_slices(model, images, img_size, norm, device, batch_size=16, tta="none",
-                   with_confidence=False, progress=None, label_mode="class"):
+                   with_confidence=False, progress=None, label_mode="class", background_scale=1.0):
     """Predict label maps (classes, or structure ids in instance mode) for `images (N,H,W) uint8`
     at their own resolution with one network.
 
     Returns `labels (N,H,W) uint8` and, with `with_confidence`, `confidence (N,H,W) float32`
-    (the max softmax probability). The model's mode and device are restored afterwards.
+    (the max softmax probability, after `background_scale` as in `predict_ensemble`). The model's
+    mode and device are restored afterwards.
     """
     result = predict_ensemble([Member(model, img_size, norm)], images, device, batch_size, tta,
-                              with_confidence, progress=progress, label_mode=label_mode)
+                              with_confidence, progress=progress, label_mode=label_mode,
+                              background_scale=background_scale)
     return (result.labels, result.confidence) if with_confidence else result.labels

@@ -7,12 +7,15 @@ and the pseudo-label hygiene that uses it (README, Losses and partial labels).
   of `losses.area_constraint_loss` and of the pseudo-label filter);
 - `labeled_area_bounds`, `labeled_annotation_frequency`: the same, read the way a config asks
   for them (None when no option needs them);
+- `teacher_probabilities`, `teacher_labels`: a teacher's softmax, confidence and argmax, with the
+  background prior shifted;
 - `drop_oversized_pseudo_labels`, `confident_pseudo_labels`: a teacher's labels made fit to
   teach — unsure pixels and classes beyond their bound ignored.
 """
 import numpy as np
 import torch
 
+from utils.inference import shift_background
 from utils.losses import IGNORE_INDEX
 
 
@@ -75,6 +78,22 @@ def labeled_annotation_frequency(cfg, masks, annotated):
 
 
 # ---------------------------------------------------------------- pseudo-label hygiene
+def teacher_probabilities(logits, background_scale=1.0):
+    """A teacher's `logits [B,C,H,W]` -> its softmax `[B,C,H,W]` (float32, no gradient) with the
+    background probability multiplied by `background_scale` and renormalised
+    (`utils.inference.shift_background`): the prior shift of `test.py --background_scale`
+    (Saerens et al., Neural Computation 2002) applied to what a teacher teaches. A model trained
+    on partial labels calls too much background; below 1 its pseudo-labels stop passing that
+    tilt on to the student. 1 = the plain softmax."""
+    return shift_background(logits.detach().float().softmax(1), background_scale)
+
+
+def teacher_labels(logits, background_scale=1.0):
+    """(confidence `[B,H,W]`, labels `[B,H,W]` int64): the maximum and argmax of
+    `teacher_probabilities`."""
+    return teacher_probabilities(logits, background_scale).max(1)
+
+
 def drop_oversized_pseudo_labels(labels, bounds, ignore_index=IGNORE_INDEX):
     """Pseudo-label hygiene: a class that covers more of a slice than `bounds` allows is not
     taught there — its pixels become `ignore_index`.

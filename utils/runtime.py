@@ -159,6 +159,9 @@ def check_config(cfg, script):
     check_validation_options(cfg)
     check_network_options(cfg.model_kwargs)
     check_network_combinations(cfg)
+    if not 0 <= cfg.get("pseudo_background_scale", 1) < math.inf:  # the semi-supervised scripts'
+        raise InputError(f"pseudo_background_scale: must be >= 0 (1 = the plain softmax), "
+                         f"got {cfg.pseudo_background_scale}")
     if script == "unimatch":
         check_unimatch_options(cfg)
     elif script == "teacher_student":

@@ -16,6 +16,7 @@ from utils import distributed
 from utils.errors import InputError
 from utils.losses import IGNORE_INDEX, SupervisedLoss
 from utils.postprocess import keep_largest_component
+from utils.priors import teacher_labels
 
 
 @dataclass
@@ -138,15 +139,16 @@ def freeze_encoder_stages(model, count):
 
 
 @torch.no_grad()
-def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True):
+def dual_teacher_pseudo_labels(dynamic, static, images, largest_component=True, background_scale=1.0):
     """BCP's dual teacher (Hsu & Hua 2024): per pixel the argmax of the more confident of the
-    `dynamic` (EMA) and `static` teachers (ties: the dynamic one), then, with
+    `dynamic` (EMA) and `static` teachers (ties: the dynamic one), each with its background
+    probability shifted by `background_scale` (`utils.priors.teacher_labels`), then, with
     `largest_component`, each class's largest component (not in instance mode: its interior
     class holds every structure, so this would keep one structure). images [B, C, H, W] ->
     (pseudo int64 [B, H, W], IGNORE_INDEX off the largest components; confidence [B, H, W];
     from_static bool [B, H, W])."""
-    conf_dynamic, label_dynamic = dynamic(images).float().softmax(1).max(1)
-    conf_static, label_static = static(images).float().softmax(1).max(1)
+    conf_dynamic, label_dynamic = teacher_labels(dynamic(images), background_scale)
+    conf_static, label_static = teacher_labels(static(images), background_scale)
     from_static = conf_static > conf_dynamic
     labels = torch.where(from_static, label_static, label_dynamic)
     if largest_component:
