@@ -233,6 +233,14 @@ def test_options_that_read_classes_are_refused_in_instance_mode(flags, message, 
     assert one_line_error(capsys, train_supervised.main, argv).startswith(message)
 
 
+@pytest.mark.parametrize("main, flags", [(train_unimatch.main, []),
+                                         (train_teacher_student.main, ["--mode", "mean_teacher"])])
+def test_the_pseudo_background_scale_is_refused_in_instance_mode(main, flags, instance_data, workdir, capsys):
+    argv = TINY + ["--data", str(instance_data), "--pseudo_background_scale", "0.5"] + flags
+    assert one_line_error(capsys, main, argv).startswith(
+        "error: pseudo_background_scale: shifts the background against organ classes")
+
+
 def test_class_map_options_are_refused_for_an_instance_checkpoint(instance_data, workdir, capsys):
     train_supervised.main(TINY + ["--data", str(instance_data), "--out_dir", "run",
                                   "--epochs", "1", "--iters_per_epoch", "1"])

@@ -212,6 +212,9 @@ def check_label_mode_options(cfg):
     if cfg.zero_ce_presence:
         raise InputError("zero_ce_presence: weighs organ classes by how often they are annotated; "
                          "instance mode has no organ classes")
+    if "pseudo_background_scale" in cfg.get("_overrides", ()):
+        raise InputError("pseudo_background_scale: shifts the background against organ classes; "
+                         "instance mode's teachers label background / interior / boundary (scale 1)")
     if cfg.select_metric != "rand" and "select_metric" in cfg.get("_overrides", ()):
         raise InputError(f"select_metric: instance mode selects by the Rand index of the "
                          f"structures ('{cfg.select_metric}' is a class score)")
