@@ -14,8 +14,9 @@ its two strong views (same geometry, independent intensity perturbations, each C
 partner slice `*_mix`: a slice of a second unlabeled batch with `mix_source: loader`, the default,
 as the authors, or the next slice of the same batch with `batch`); `conf_u_w` confidence of the
 prediction on `img_u_w`.
-Per step: the prediction on the weak view, taken as a hard pseudo-label where confident (≥ τ),
-supervises the two strong views and a feature-perturbed decoding of the weak view.
+Per step: the prediction on the weak view, its background probability scaled by
+`pseudo_background_scale` and renormalised (README, Methods), taken as a hard pseudo-label where
+confident (≥ τ), supervises the two strong views and a feature-perturbed decoding of the weak view.
 """
 import torch
 
