@@ -12,10 +12,11 @@ and the pseudo-label hygiene that uses it (README, Losses and partial labels).
 - `drop_oversized_pseudo_labels`, `confident_pseudo_labels`: a teacher's labels made fit to
   teach — unsure pixels and classes beyond their bound ignored.
 """
+import math
+
 import numpy as np
 import torch
 
-from utils.inference import shift_background
 from utils.losses import IGNORE_INDEX
 
 
@@ -80,12 +81,18 @@ def labeled_annotation_frequency(cfg, masks, annotated):
 # ---------------------------------------------------------------- pseudo-label hygiene
 def teacher_probabilities(logits, background_scale=1.0):
     """A teacher's `logits [B,C,H,W]` -> its softmax `[B,C,H,W]` (float32, no gradient) with the
-    background probability multiplied by `background_scale` and renormalised
-    (`utils.inference.shift_background`): the prior shift of `test.py --background_scale`
-    (Saerens et al., Neural Computation 2002) applied to what a teacher teaches. A model trained
-    on partial labels calls too much background; below 1 its pseudo-labels stop passing that
-    tilt on to the student. 1 = the plain softmax."""
-    return shift_background(logits.detach().float().softmax(1), background_scale)
+    background probability multiplied by `background_scale` and renormalised (as
+    `utils.inference.shift_background` does to probabilities; here log s is added to the
+    background logit): the prior shift of `test.py --background_scale` (Saerens et al., Neural
+    Computation 2002) applied to what a teacher teaches. A model trained on partial labels calls
+    too much background; below 1 its pseudo-labels stop passing that tilt on to the student.
+    1 = the plain softmax."""
+    logits = logits.detach().float()
+    if background_scale != 1:
+        background = (logits[:, :1] + math.log(background_scale) if background_scale > 0
+                      else torch.full_like(logits[:, :1], -math.inf))
+        logits = torch.cat([background, logits[:, 1:]], 1)
+    return logits.softmax(1)
 
 
 def teacher_background_scale(cfg):
