@@ -159,9 +159,8 @@ def check_config(cfg, script):
     check_validation_options(cfg)
     check_network_options(cfg.model_kwargs)
     check_network_combinations(cfg)
-    if not 0 <= cfg.get("pseudo_background_scale", 1) < math.inf:  # the semi-supervised scripts'
-        raise InputError(f"pseudo_background_scale: must be >= 0 (1 = the plain softmax), "
-                         f"got {cfg.pseudo_background_scale}")
+    if "pseudo_background_scale" in cfg:  # the semi-supervised scripts'
+        check_background_scale("pseudo_background_scale", cfg.pseudo_background_scale, "the plain softmax")
     if script == "unimatch":
         check_unimatch_options(cfg)
     elif script == "teacher_student":
@@ -282,11 +281,17 @@ def check_teacher_student_options(cfg):
             raise InputError(f"static_every: {cfg.static_every} is not a positive iteration count")
 
 
+def check_background_scale(name, value, plain):
+    """A multiplier of the background probability (test.py's decision, the teachers' pseudo-labels)
+    must be >= 0 and finite; `plain` names what 1 means."""
+    if not 0 <= value < math.inf:
+        raise InputError(f"{name}: must be >= 0 (1 = {plain}), got {value}")
+
+
 def check_test_options(cfg):
     """test.py's refusals that its config alone decides: a `--background_scale` below 0 or not
     finite, and `--baseline` with what needs a model."""
-    if not 0 <= cfg.background_scale < math.inf:
-        raise InputError(f"--background_scale: must be >= 0 (1 = plain argmax), got {cfg.background_scale}")
+    check_background_scale("--background_scale", cfg.background_scale, "plain argmax")
     if not cfg.baseline:
         return
     if not cfg.data:
