@@ -68,7 +68,7 @@ from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consis
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
-from utils.priors import (confident_pseudo_labels, drop_oversized_pseudo_labels, teacher_background_scale,
+from utils.priors import (confident_pseudo_labels, drop_oversized_pseudo_labels,
                           teacher_probabilities)
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 from utils.teachers import (OwnStatistics, Position, Renormalized, TeacherStudentParts,
@@ -119,7 +119,7 @@ def pseudo_label_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position
     def losses(student):
         strong = strong_views(batch_u)  # the strong views, built on the device from the batch's draws
         with torch.no_grad():  # the teacher (kept in eval mode) gives targets, not predictions to train
-            prob_u_w = teacher_probabilities(parts.teacher(strong["image_w"]), teacher_background_scale(cfg))
+            prob_u_w = teacher_probabilities(parts.teacher(strong["image_w"]), cfg.pseudo_background_scale)
         logits_x, edge_logits = forward_with_edges(student, batch_x["image"])
         # the strong views in a forward of their own, as UniMatch's: in one batch with the labeled
         # slices their perturbed intensities set the BatchNorm statistics the labeled slices were
@@ -179,7 +179,7 @@ def bcp_step(parts: TeacherStudentParts, batch_x, batch_u, at: Position, cfg):
         else:
             pseudo, conf_u_w, from_static = dual_teacher_pseudo_labels(
                 parts.teacher, parts.static_teacher, batch_u["image_w"],
-                largest_component=cfg.label_mode == "class", background_scale=teacher_background_scale(cfg))
+                largest_component=cfg.label_mode == "class", background_scale=cfg.pseudo_background_scale)
             pseudo = confident_pseudo_labels(conf_u_w, pseudo, cfg.conf_thresh, parts.pseudo_area_bounds)
             # complete labels: each of their 0-pixels is (believed) background
             unlabeled = {"image": batch_u["image_w"], "mask": pseudo, "certain_background": pseudo != IGNORE_INDEX}
@@ -301,7 +301,7 @@ def pseudo_label_set(teacher, facts, data, pool_images, pool_indices, n_keep, cf
         teacher, images[share], facts["img_size"], facts["normalize"], device,
         cfg.eval_batch_size, cfg.tta, with_confidence=True, progress=lambda it: tqdm(
             it, "pseudo-labels", leave=False, disable=None if distributed.is_main() else True),
-        label_mode=cfg.label_mode, background_scale=teacher_background_scale(cfg))
+        label_mode=cfg.label_mode, background_scale=cfg.pseudo_background_scale)
     conf_thresh = cfg.conf_thresh if cfg.label_mode == "class" else 0  # 0: no pixel under it
     shares = distributed.all_gather_object(score_pseudo_labels(labels, confidence, conf_thresh))
     scores, masks = (np.concatenate(parts) for parts in zip(*shares))

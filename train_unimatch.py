@@ -26,7 +26,7 @@ from networks import forward_with_feature_perturbation
 from utils.errors import run_cli
 from utils.losses import build_loss, build_stream_loss
 from utils.mixing import paste, random_boxes
-from utils.priors import drop_oversized_pseudo_labels, teacher_background_scale, teacher_labels
+from utils.priors import drop_oversized_pseudo_labels, teacher_labels
 from utils.builders import (build_network, epoch_loader, iterations_per_epoch, labeled_priors,
                             load_data, load_init_weights, semi_supervised_sets, supervised_targets)
 from utils.distributed import data_parallel
@@ -66,7 +66,7 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
         with torch.no_grad():
             model.eval()
             conf_u_w_mix, mask_u_w_mix = teacher_labels(model(batch_mix["image_w"]),
-                                                        teacher_background_scale(cfg))
+                                                        cfg.pseudo_background_scale)
             model.train()
         img_mix_s1, img_mix_s2 = batch_mix["image_s1"], batch_mix["image_s2"]
     batch, _, height, width = img_u_w.shape
@@ -83,7 +83,7 @@ def unimatch_step(model, batch_x, batch_u, batch_mix, loss_sup, loss_stream, cfg
     logits_x, logits_u_w = logits[:num_x], logits[num_x:]
     logits_u_s1, logits_u_s2 = model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
 
-    conf_u_w, mask_u_w = teacher_labels(logits_u_w, teacher_background_scale(cfg))
+    conf_u_w, mask_u_w = teacher_labels(logits_u_w, cfg.pseudo_background_scale)
     if cfg.pseudo_area_filter:  # a class painted far beyond its plausible area is not taught
         mask_u_w = drop_oversized_pseudo_labels(mask_u_w, area_bounds)
         if not mix_within_batch:

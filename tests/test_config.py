@@ -6,7 +6,7 @@ import pickle
 import pytest
 import yaml
 
-from utils.config import Config, config_to_yaml, load_config, script_defaults
+from utils.config import CONFIG_DIR, Config, config_to_yaml, load_config, script_defaults
 from utils.errors import InputError
 from utils.runtime import check_config
 
@@ -83,11 +83,40 @@ def test_type_mismatch_is_an_error():
     assert cfg.lr == 1
 
 
-def test_preset_sits_below_user_overrides(tmp_path):
-    preset = tmp_path / "preset.yaml"
-    preset.write_text("epochs: 3\nlr: 0.01\n")
-    cfg = load_config("supervised", ["--lr", "0.2"], preset=lambda c: preset)
-    assert cfg.epochs == 3 and cfg.lr == 0.2
+def test_presets_sit_in_order_above_the_yaml_and_below_a_resumed_run_and_the_user(tmp_path):
+    first, second = tmp_path / "mode.yaml", tmp_path / "phantom.yaml"
+    first.write_text("epochs: 3\nlr: 0.01\nseed: 5\n")
+    second.write_text("lr: 0.02\n")
+    cfg = load_config("supervised", ["--batch_size", "2"], presets=lambda c: [first, second])
+    assert (cfg.epochs, cfg.lr, cfg.seed, cfg.batch_size) == (3, 0.02, 5, 2)   # the later preset wins
+    assert cfg._presets == [str(first), str(second)]
+    assert load_config("supervised", ["--lr", "0.2"], presets=lambda c: [first, second]).lr == 0.2
+    resumed = load_config("supervised", ["--resume", "run/last.pth"], presets=lambda c: [first],
+                          saved_settings=lambda path: ({"lr": 0.001, "epochs": 7}, []))
+    assert (resumed.lr, resumed.epochs, resumed.seed) == (0.001, 7, 5)   # the run's own settings
+    assert load_config("supervised", [])._presets == []
+
+
+@pytest.mark.parametrize("mode, flags, scale", [
+    ("bcp", [], 0.5),                                           # configs/teacher_student_bcp.yaml
+    ("mean_teacher", [], 1.0), ("pseudo_label", [], 1.0),       # semi_supervised.yaml
+    ("bcp", ["--pseudo_background_scale", "0.75"], 0.75)])      # a flag over the mode's file
+def test_a_mode_takes_its_own_defaults_file(mode, flags, scale, tiny_phantom):
+    from utils.runtime import setup
+    cfg = setup("teacher_student", ["--data", str(tiny_phantom), "--gpu", "-1", "--mode", mode] + flags, None)
+    assert cfg.pseudo_background_scale == scale
+    assert cfg._presets[-1].endswith("phantom_teacher_student.yaml")
+    assert cfg._presets[0].endswith("teacher_student_bcp.yaml") == (mode == "bcp")
+
+
+def test_a_resumed_run_keeps_the_scale_it_was_started_with_over_its_mode_s_file(tmp_path):
+    """A BCP run started before teacher_student_bcp.yaml existed (scale 1) resumes with 1."""
+    from utils.runtime import mode_preset
+    saved = {"mode": "bcp", "pseudo_background_scale": 1.0}
+    cfg = load_config("teacher_student", ["--resume", "run/last.pth"],
+                      presets=lambda c: [mode_preset("teacher_student", c)],
+                      saved_settings=lambda path: (saved, None))
+    assert cfg.mode == "bcp" and cfg.pseudo_background_scale == 1.0
 
 
 def test_resume_takes_the_checkpoints_settings_beneath_the_command_line(tmp_path):
@@ -146,7 +175,7 @@ def test_a_stray_local_rank_flag_is_ignored():
 def test_the_phantom_message_names_the_preset_in_use(script, preset, tiny_phantom, capsys):
     from utils.runtime import setup
     cfg = setup(script, ["--data", str(tiny_phantom), "--gpu", "-1"], None)
-    assert cfg._preset.endswith(preset)
+    assert cfg._presets == [str(CONFIG_DIR / preset)]
     assert f"the phantom preset (configs/{preset}) applies" in capsys.readouterr().out
 
 

@@ -241,6 +241,18 @@ def test_the_pseudo_background_scale_is_refused_in_instance_mode(main, flags, in
         "error: pseudo_background_scale: shifts the background against organ classes")
 
 
+@pytest.mark.parametrize("script, flags", [("unimatch", []), ("teacher_student", ["--mode", "bcp"])])
+def test_instance_mode_records_the_plain_softmax_its_teachers_use(script, flags, instance_data,
+                                                                  tiny_phantom, workdir):
+    """unimatch.yaml and teacher_student_bcp.yaml say 0.5 (class mode keeps it); instance mode's
+    teachers take 1, and the run's config says so."""
+    from utils.runtime import setup
+    instance = setup(script, TINY + ["--data", str(instance_data), "--gpu", "-1"] + flags, None)
+    assert instance.pseudo_background_scale == 1.0
+    classes = setup(script, ["--data", str(tiny_phantom), "--gpu", "-1"] + flags, None)
+    assert classes.pseudo_background_scale == 0.5
+
+
 def test_class_map_options_are_refused_for_an_instance_checkpoint(instance_data, workdir, capsys):
     train_supervised.main(TINY + ["--data", str(instance_data), "--out_dir", "run",
                                   "--epochs", "1", "--iters_per_epoch", "1"])

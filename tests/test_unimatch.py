@@ -163,22 +163,20 @@ class BackgroundLeaning(IntensityClassifier):
         return logits * 0 + torch.tensor([math.log(0.6), math.log(0.4), -30.0]).view(1, 3, 1, 1)
 
 
-@pytest.mark.parametrize("scale, label_mode, label, confidence", [
-    (1.0, "class", 0, 0.6), (0.5, "class", 1, 0.4 / 0.7), (0.5, "instance", 0, 0.6)])
-def test_pseudo_background_scale_shifts_every_stream_s_targets(scale, label_mode, label, confidence):
+@pytest.mark.parametrize("scale, label, confidence", [(1.0, 0, 0.6), (0.5, 1, 0.4 / 0.7)])
+def test_pseudo_background_scale_shifts_every_stream_s_targets(scale, label, confidence):
     """p0 × scale, renormalised: at 0.5 (0.3, 0.4) / 0.7 makes class 1 the pseudo-label, with
-    confidence 4/7 ≥ τ = 0.5, in the weak view's streams and in the mix batch's boxes alike.
-    Instance mode's classes are not organs: its teachers keep the plain softmax."""
+    confidence 4/7 ≥ τ = 0.5, in the weak view's streams and in the mix batch's boxes alike."""
     torch.manual_seed(0)
     stream = Recorder()
     batch_x, batch_u, batch_mix = make_batches(u_value=1.0, mix_value=0.0)
     _, logs = unimatch_step(BackgroundLeaning(), batch_x, batch_u, batch_mix,
                             lambda *a, **k: torch.tensor(0.0), stream,
-                            make_cfg(conf_thresh=0.5, pseudo_background_scale=scale, label_mode=label_mode))
+                            make_cfg(conf_thresh=0.5, pseudo_background_scale=scale))
     for call in stream.calls:  # s1, s2 (boxes from the mix batch), FP
         assert (call["target"] == label).all() and not call["ignore"].any()
     assert logs["conf_ratio"].item() == 1.0
-    unsure = make_cfg(conf_thresh=confidence + 1e-3, pseudo_background_scale=scale, label_mode=label_mode)
+    unsure = make_cfg(conf_thresh=confidence + 1e-3, pseudo_background_scale=scale)
     stream = Recorder()
     unimatch_step(BackgroundLeaning(), batch_x, batch_u, batch_mix, lambda *a, **k: torch.tensor(0.0),
                   stream, unsure)

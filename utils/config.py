@@ -3,7 +3,7 @@
 Every script has one YAML file in `configs/` holding all of its defaults; a file may name a
 `base:` file that is loaded first. `load_config` merges, later layers winning:
 
-    base YAML < script YAML < phantom preset (only when training on the phantom)
+    base YAML < script YAML < presets (the mode's own defaults; the phantom preset)
               < the resumed checkpoint's config (with --resume) < --config FILE
               < --key value flags < --set key.sub=value
 
@@ -206,11 +206,13 @@ def parse_set(assignments):
     return nested
 
 
-def load_config(script, argv=None, description=None, preset=None, saved_settings=None):
+def load_config(script, argv=None, description=None, presets=None, saved_settings=None):
     """Resolve the config of `script` (the name of `configs/<script>.yaml`) from YAML and flags.
 
-    `preset(cfg) -> path or None` may name a YAML file to insert below the user's overrides
-    once the merged config is known (used for the phantom preset). `saved_settings(path) ->
+    `presets(cfg) -> [path, ...]` may name YAML files to insert, in that order, below the user's
+    overrides once the merged config is known (a mode's own defaults, the phantom preset); their
+    paths are kept as `cfg._presets`. A preset sits below a resumed checkpoint's config, so a run
+    resumes with the settings it was started with. `saved_settings(path) ->
     (config, overrides)` reads a checkpoint's config and the keys its run was given explicitly
     (None when the checkpoint does not say); with it a config whose `resume` names a checkpoint
     takes that checkpoint's settings beneath the user's overrides. Returns a `Config`.
@@ -266,14 +268,12 @@ def load_config(script, argv=None, description=None, preset=None, saved_settings
             saved_overrides = [key for key, value in kept.items() if value != defaults[key]]
         overrides = sorted(set(overrides) | (set(saved_overrides) - set(RUN_KEYS)))
         resolved = resolve(user_layers)
-    preset_path = preset(Config(resolved)) if preset else None
-    if preset_path is not None:
-        preset_values, _ = read_yaml_chain(preset_path)
-        resolved = resolve([(preset_values, preset_path)] + user_layers)
+    preset_paths = [str(path) for path in presets(Config(resolved))] if presets else []
+    if preset_paths:
+        resolved = resolve([(read_yaml_chain(path)[0], path) for path in preset_paths] + user_layers)
     cfg = Config(resolved)
     cfg["_overrides"] = overrides
-    if preset_path is not None:
-        cfg["_preset"] = str(preset_path)
+    cfg["_presets"] = preset_paths
     return cfg
 
 

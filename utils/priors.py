@@ -8,7 +8,7 @@ and the pseudo-label hygiene that uses it (README, Losses and partial labels).
 - `labeled_area_bounds`, `labeled_annotation_frequency`: the same, read the way a config asks
   for them (None when no option needs them);
 - `teacher_probabilities`, `teacher_labels`: a teacher's softmax, confidence and argmax, with the
-  background prior shifted by `teacher_background_scale`;
+  background prior shifted by a run's `pseudo_background_scale`;
 - `drop_oversized_pseudo_labels`, `confident_pseudo_labels`: a teacher's labels made fit to
   teach — unsure pixels and classes beyond their bound ignored.
 """
@@ -93,13 +93,6 @@ def teacher_probabilities(logits, background_scale=1.0):
                       else torch.full_like(logits[:, :1], -math.inf))
         logits = torch.cat([background, logits[:, 1:]], 1)
     return logits.softmax(1)
-
-
-def teacher_background_scale(cfg):
-    """The scale a run's teachers use: `pseudo_background_scale` in class mode, 1 in instance mode
-    (its background / interior / boundary classes are not organs; as test.py's
-    `--background_scale`, which the watershed of instance maps ignores)."""
-    return cfg.pseudo_background_scale if cfg.label_mode == "class" else 1.0
 
 
 def teacher_labels(logits, background_scale=1.0):

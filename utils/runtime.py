@@ -1,5 +1,6 @@
-"""What every script settles before training: the resolved config (with the phantom preset when
-there is no challenge data), checked once and frozen, the device, and the random seeds.
+"""What every script settles before training: the resolved config (with a mode's own defaults,
+`configs/<script>_<mode>.yaml`, and the phantom preset when there is no challenge data), checked
+once and frozen, the device, and the random seeds.
 
 `check_config` is the one place a config is checked: the value of every choice key (`CHOICES`)
 and the combinations a script refuses, each a one-line InputError. `setup` resolves a training
@@ -8,6 +9,7 @@ checks and freezes its own the same way. The values derived from a config are co
 `setup`, before the freeze, and stored under the config's own keys — nowhere else:
 - `select_metric`: `rand` in instance mode (`selection_metric`);
 - `zero_ce_weight`: 0 in instance mode unless given (`zero_pixel_weight`);
+- `pseudo_background_scale`: 1 in instance mode (`teacher_background_scale`);
 - `data`: the built-in phantom's folder when `data/` holds no challenge files;
 - `num_classes`: the data's (the ids of its `classes.yaml`; instance mode's 3 targets);
 - what the script's `derive` returns (train_teacher_student.py: `out_dir`, the run directory
@@ -41,6 +43,15 @@ from utils.teachers import pretrain_epoch_count
 PHANTOM_DIRS = {"class": Path("data/phantom"), "instance": Path("data/phantom_instance")}
 
 
+def mode_preset(script, cfg):
+    """`configs/<script>_<mode>.yaml`: the keys whose default differs in one mode of a script with
+    several (`train_teacher_student.py --mode bcp`), where that file exists; None otherwise."""
+    if "mode" not in cfg:
+        return None
+    path = CONFIG_DIR / f"{script}_{cfg.mode}.yaml"
+    return path if path.is_file() else None
+
+
 def phantom_preset(script, cfg):
     """`configs/phantom_<script>.yaml` (or `phantom.yaml`) when the data folder is a phantom or
     `data/` holds no challenge data; None otherwise."""
@@ -54,7 +65,7 @@ def phantom_preset(script, cfg):
 
 
 def setup(script, argv, description, derive=None):
-    """Resolve the config of `script` (phantom preset included), check it (`check_config`),
+    """Resolve the config of `script` (its presets included), check it (`check_config`),
     complete it with the values derived from it (module docstring), freeze it, print it once and
     return it. `derive(cfg) -> {key: value}`: values the script derives from the checked config.
 
@@ -62,24 +73,28 @@ def setup(script, argv, description, derive=None):
     `PHANTOM_DIRS[label_mode]` (once). Under torchrun this also joins the process group
     (utils/distributed.py).
     """
-    cfg = load_config(script, argv, description, preset=lambda c: phantom_preset(script, c),
-                      saved_settings=saved_settings)
+    def presets(cfg):
+        return [path for path in (mode_preset(script, cfg), phantom_preset(script, cfg)) if path]
+    cfg = load_config(script, argv, description, presets=presets, saved_settings=saved_settings)
     distributed.print_from_main_only()
     check_config(cfg, script)
     cfg.select_metric = selection_metric(cfg)
     cfg.zero_ce_weight = zero_pixel_weight(cfg)
+    if "pseudo_background_scale" in cfg:  # the semi-supervised scripts'
+        cfg.pseudo_background_scale = teacher_background_scale(cfg)
+    preset = phantom_preset(script, cfg)
     distributed.start(pick_device(cfg.gpu), cfg.timeout_minutes)
     if not has_challenge_files(cfg.data):
         if Path(cfg.data) != Path("data"):
             raise InputError(f"{cfg.data}: no train-images/ folder or train-images.zip")
         phantom = PHANTOM_DIRS[cfg.label_mode]
         print(f"No challenge files in '{cfg.data}/': using the built-in CT phantom in "
-              f"{phantom}/ with the phantom preset ({preset_name(cfg)}).")
+              f"{phantom}/ with the phantom preset ({preset_name(preset)}).")
         with distributed.main_first():
             ensure_phantom(phantom, label_format=cfg.label_mode)
         cfg.data = str(phantom)
-    elif "_preset" in cfg:
-        print(f"'{cfg.data}' is a phantom folder: the phantom preset ({preset_name(cfg)}) applies.")
+    elif preset is not None:
+        print(f"'{cfg.data}' is a phantom folder: the phantom preset ({preset_name(preset)}) applies.")
     cfg.num_classes = data_classes(cfg.data, cfg.num_classes, cfg.label_mode)[1]
     if derive is not None:
         cfg.update(derive(cfg))
@@ -100,9 +115,17 @@ def zero_pixel_weight(cfg):
     return 0.0
 
 
-def preset_name(cfg):
-    """The phantom preset applied to `cfg`, as `configs/<file>`."""
-    return f"{CONFIG_DIR.name}/{Path(cfg['_preset']).name}"
+def teacher_background_scale(cfg):
+    """The `pseudo_background_scale` a run's teachers use: the config's in class mode, 1 in
+    instance mode (its background / interior / boundary classes are not organs; as test.py's
+    `--background_scale`, which the watershed of instance maps ignores). An explicit value in
+    instance mode was refused (`check_label_mode_options`)."""
+    return cfg.pseudo_background_scale if cfg.label_mode == "class" else 1.0
+
+
+def preset_name(path):
+    """A preset's path as `configs/<file>`."""
+    return f"{CONFIG_DIR.name}/{Path(path).name}"
 
 
 def selection_metric(cfg):
