@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,6 +39,13 @@ def test_a_run_writes_every_output(trained):
     records = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert {"loss", "lr", "val_dice", "val_rand", "seconds", "step_seconds"} <= set(records[0])
+    # where it computed: one thread (conftest), the CPU's model, one process
+    assert records[0]["ran_on"] == records[1]["ran_on"]
+    assert re.fullmatch(rf"torch {re.escape(torch.__version__)}, cpu \((.+), 1 thread\), 1 process",
+                        records[0]["ran_on"])
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*: (.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else []
+    assert not names or f"cpu ({names[0].strip()}, 1 thread)" in records[0]["ran_on"]
     # the per-class area report's summary: sinks and suppressed classes are visible in the log
     assert {"val_worst_area_ratio", "val_sink_classes", "val_missing_classes"} <= set(records[0])
     assert (trained.parent / "runs" / "latest").resolve() == trained.resolve()

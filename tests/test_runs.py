@@ -18,18 +18,20 @@ BASE = {"data": "data/phantom", "model": "attunet", "model_kwargs": {"attunet": 
 
 
 def make_run(root, name, seed, test_dice=None, val_dice=(0.2, 0.3), test_rand=0.5, method=None,
-             **settings):
+             ran_on=(), **settings):
     """A run folder: config.yaml (with `method`, the header line the scripts write), log.jsonl
-    (one record per val_dice value, epochs 1, 2, …) and, with `test_dice`, a scores.json as
-    test.py writes it."""
+    (one record per val_dice value, epochs 1, 2, …, with `ran_on[i]` where given) and, with
+    `test_dice`, a scores.json as test.py writes it."""
     folder = root / name
     folder.mkdir()
     config = {**BASE, **settings, "seed": seed, "out_dir": str(folder), "gpu": seed % 2}
     header = f"# method: {method}\n" if method else ""
     (folder / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
-    (folder / "log.jsonl").write_text("".join(
-        json.dumps({"epoch": epoch, "val_dice": value, "val_rand": value / 2}) + "\n"
-        for epoch, value in enumerate(val_dice, 1)))
+    records = [{"epoch": epoch, "val_dice": value, "val_rand": value / 2}
+               for epoch, value in enumerate(val_dice, 1)]
+    for record, place in zip(records, ran_on):
+        record["ran_on"] = place
+    (folder / "log.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     if test_dice is not None or test_rand is not None:
         test = {"slices": 6, "dice": test_dice, "rand": test_rand, "fg_pred": 0.3, "fg_true": 0.2,
                 "per_class_dice": {}, "area": {}, "worst_area_ratio": 4.0,
@@ -267,3 +269,23 @@ def test_a_path_per_seed_pairs_runs_instead_of_forming_arms(tmp_path, capsys):
     assert "  conf_thresh=0.95 init_ckpt=runs/sup-s0/best.pth: n 1" in out
     out = run_main(capsys, [str(tmp_path / "a-s0"), str(tmp_path / "b-s0")])  # one seed: no pairing by path
     assert "one path per seed" not in out and "init_ckpt" not in out.splitlines()[0]
+
+
+def test_runs_computed_in_different_places_are_noted(tmp_path, capsys):
+    """Seed 1 of arm B ran with two threads, seed 0 of arm A was resumed on another machine
+    after its first evaluation, seed 1 of arm A predates the record."""
+    one, two, other = ("torch 2.1, cpu (X, 1 thread), 1 process", "torch 2.1, cpu (X, 2 threads), 1 process",
+                       "torch 2.1, cuda (Y), 1 process")
+    make_run(tmp_path, "a-s0", 0, 0.3, ran_on=(one, other))
+    make_run(tmp_path, "a-s1", 1, 0.3)
+    make_run(tmp_path, "b-s0", 0, 0.4, loss="ce", ran_on=(one, one))
+    make_run(tmp_path, "b-s1", 1, 0.4, loss="ce", ran_on=(two, two))
+    out = run_main(capsys, [str(tmp_path / "*")])
+    assert "note: the runs computed in different places" in out
+    assert f"  {one}: a-s0, b-s0\n" in out and f"  {other}: a-s0\n" in out
+    assert f"  {two}: b-s1\n" in out and "  not recorded: a-s1\n" in out
+    for folder in ("a-s1", "b-s1"):
+        (tmp_path / folder / "log.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "val_dice": 0.3, "ran_on": one}) + "\n" for e in (1, 2)))
+    (tmp_path / "a-s0" / "log.jsonl").write_text(json.dumps({"epoch": 1, "val_dice": 0.3, "ran_on": one}) + "\n")
+    assert "computed in different places" not in run_main(capsys, [str(tmp_path / "*")])

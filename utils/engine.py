@@ -30,6 +30,7 @@ everywhere. The logged losses are means over the ranks.
 import json
 import math
 import os
+import platform
 import time
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +48,31 @@ from utils.inference import predict_slices
 from utils.metrics import (area_summary, class_area_report, format_area_flags, rand_index,
                            score_predictions)
 from utils.plots import plot_curves, plot_examples
+
+
+def processor_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def execution_summary(device):
+    """Where a run computes, the `ran_on` of its log lines: torch, the device (the CPU's model and
+    thread count, or the GPU's name) and the processes. A seed's numbers repeat only where this
+    is the same: thread count and processor change the float round-off of the kernels (README,
+    Same seed, same numbers)."""
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        threads = torch.get_num_threads()
+        where = f"cpu ({processor_name()}, {threads} thread{'s' if threads != 1 else ''})"
+    processes = distributed.world_size()
+    return f"torch {torch.__version__}, {where}, {processes} process{'es' if processes != 1 else ''}"
 
 
 def to_device(batch, device):
@@ -162,6 +188,7 @@ class TrainingRun:
         # time in steps; last plot redraw (the first comes after plot_every_seconds, or at the end:
         # a one-point curve is not worth a second of a short run)
         self.step_seconds, self.plotted_at = 0.0, self.started
+        self.ran_on = execution_summary(device)
         if cfg.resume:
             self._restore(Path(cfg.resume))
         self.dir = run_directory(cfg, method)
@@ -271,7 +298,7 @@ class TrainingRun:
         self._pending = {"epoch": epoch + 1, "iteration": self.iteration,
                          "lr": self.modules["optimizer"].param_groups[0]["lr"], **losses,
                          **{k: v for k, v in scores.items() if isinstance(v, float)},
-                         "seconds": round(time.time() - self.started, 1)}
+                         "seconds": round(time.time() - self.started, 1), "ran_on": self.ran_on}
         return scores
 
     def checkpoint(self, epoch, scores):

@@ -11,7 +11,8 @@ A run directory holds `config.yaml`, `log.jsonl` and, after `python test.py --ck
    compared among the runs that have it), the seed, the best validation score
    (`val_<select_metric>`) and its epoch, and from scores.json the test Dice and Rand index,
    predicted / true foreground and the counts of SINK and MISSING classes (`-` where a piece is
-   missing);
+   missing); a note when the runs computed in different places (the `ran_on` of their logs:
+   torch, device, threads, processes), where the same seed gives other numbers;
 2. arms, the runs that differ only in their seed: n, mean, sample standard deviation (spread),
    min, max and every seed's value of the `--metric` score: the test score, or in an arm where no
    run has one (no scores.json) each run's validation score at its best epoch, marked `[val]`;
@@ -218,11 +219,28 @@ def print_runs(runs, keys):
     if len(settings) > 1:
         print("note: the test scores were computed with different "
               f"{' / '.join('--' + key for key in TEST_SETTINGS)} settings")
+    places = where_runs_ran(runs)
+    if len(places) > 1:
+        print("note: the runs computed in different places, where a seed gives other numbers "
+              "(round-off grows over training; README, Same seed, same numbers):")
+        for place, names in places.items():
+            print(f"  {place}: {', '.join(names)}")
     for run in runs:
         scored = (run["scores"] or {}).get("checkpoints")
         if run["scores"] and (not isinstance(scored, list) or len(scored) != 1
                               or Path(str(scored[0])).name != "best.pth"):
             print(f"note: {run['name']}/scores.json scores {scored}, not the run's best.pth")
+
+
+def where_runs_ran(runs):
+    """{`ran_on` of the log records: [run names]}, in the order met; a run resumed elsewhere is
+    under both, a log written before the engine recorded it under 'not recorded'."""
+    places = {}
+    for run in runs:
+        for place in dict.fromkeys(str(record.get("ran_on", "not recorded")) for record in run["log"]) \
+                or ["not recorded"]:
+            places.setdefault(place, []).append(run["name"])
+    return places
 
 
 def group_arms(runs, keys):
