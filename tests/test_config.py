@@ -193,6 +193,15 @@ def test_help_prints_the_docstring_commands_line_by_line(script, capsys):
     assert module.__doc__.splitlines()[0] in text
 
 
+def test_help_names_the_default_a_mode_s_file_sets(capsys):
+    import train_teacher_student
+    with pytest.raises(SystemExit):
+        train_teacher_student.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())     # argparse wraps the help text
+    assert "(default: 1.0; --mode bcp: 0.5)" in text       # configs/teacher_student_bcp.yaml
+    assert "(default: 0.95)" in text                      # conf_thresh: no mode file sets it
+
+
 # ==== checked once, then frozen ====
 MODEL_NAMES = ("attunet, segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5, "
                "dinov2_s, dinov2_b, dinov2_l")

@@ -206,13 +206,14 @@ def parse_set(assignments):
     return nested
 
 
-def load_config(script, argv=None, description=None, presets=None, saved_settings=None):
+def load_config(script, argv=None, description=None, presets=None, saved_settings=None, other_defaults=None):
     """Resolve the config of `script` (the name of `configs/<script>.yaml`) from YAML and flags.
 
     `presets(cfg) -> [path, ...]` may name YAML files to insert, in that order, below the user's
     overrides once the merged config is known (a mode's own defaults, the phantom preset); their
     paths are kept as `cfg._presets`. A preset sits below a resumed checkpoint's config, so a run
-    resumes with the settings it was started with. `saved_settings(path) ->
+    resumes with the settings it was started with; `other_defaults` {key: text} adds to a flag's
+    help where a preset may change its default (`--mode bcp: 0.5`). `saved_settings(path) ->
     (config, overrides)` reads a checkpoint's config and the keys its run was given explicitly
     (None when the checkpoint does not say); with it a config whose `resume` names a checkpoint
     takes that checkpoint's settings beneath the user's overrides. Returns a `Config`.
@@ -231,7 +232,8 @@ def load_config(script, argv=None, description=None, presets=None, saved_setting
     for key, default in defaults.items():
         if key in ("config", "set"):
             continue
-        help_text = f"{helps.get(key, '')} (default: {yaml_text(default)})".strip()
+        other = f"; {other_defaults[key]}" if other_defaults and key in other_defaults else ""
+        help_text = f"{helps.get(key, '')} (default: {yaml_text(default)}{other})".strip()
         if isinstance(default, bool):  # --flag alone means true; --no-flag false
             parser.add_argument(f"--{key}", type=parse_value, nargs="?", const=True, default=None,
                                 metavar="true|false", help=help_text)

@@ -32,7 +32,7 @@ from networks import MODELS, model_options
 from utils import distributed
 from utils.builders import network_family
 from utils.checkpoint import saved_settings
-from utils.config import CONFIG_DIR, config_to_yaml, load_config
+from utils.config import CONFIG_DIR, config_to_yaml, load_config, read_yaml_chain, yaml_text
 from utils.errors import InputError
 from utils.inference import TTA_MODES
 from utils.losses import LOSS_NAMES, STREAM_LOSS_NAMES
@@ -50,6 +50,16 @@ def mode_preset(script, cfg):
         return None
     path = CONFIG_DIR / f"{script}_{cfg.mode}.yaml"
     return path if path.is_file() else None
+
+
+def mode_defaults_text(script):
+    """{key: '--mode bcp: 0.5'}: the defaults that the script's mode files set, for --help."""
+    texts = {}
+    for path in sorted(CONFIG_DIR.glob(f"{script}_*.yaml")):
+        mode = path.stem[len(script) + 1:]
+        for key, value in read_yaml_chain(path)[0].items():
+            texts.setdefault(key, []).append(f"--mode {mode}: {yaml_text(value)}")
+    return {key: "; ".join(text) for key, text in texts.items()}
 
 
 def phantom_preset(script, cfg):
@@ -75,7 +85,8 @@ def setup(script, argv, description, derive=None):
     """
     def presets(cfg):
         return [path for path in (mode_preset(script, cfg), phantom_preset(script, cfg)) if path]
-    cfg = load_config(script, argv, description, presets=presets, saved_settings=saved_settings)
+    cfg = load_config(script, argv, description, presets=presets, saved_settings=saved_settings,
+                      other_defaults=mode_defaults_text(script))
     distributed.print_from_main_only()
     check_config(cfg, script)
     cfg.select_metric = selection_metric(cfg)
