@@ -92,6 +92,7 @@ def test_rank_zero_alone_writes_and_its_checkpoint_is_a_plain_one(two_by_two, wo
                                                                   monkeypatch):
     run, dump, done = two_by_two
     assert [r["epoch"] for r in records(run)] == [1, 2]       # one line per evaluation
+    assert records(run)[0]["ran_on"].endswith(", 2 processes")
     assert done.stdout.count("epoch 2/2 loss") == 1           # one process prints
     assert sorted(p.name for p in run.iterdir() if p.suffix == ".pth") == ["best.pth", "last.pth"]
     state = torch.load(run / "last.pth", weights_only=True)
