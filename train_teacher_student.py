@@ -68,8 +68,7 @@ from utils.losses import IGNORE_INDEX, build_loss, build_stream_loss, mse_consis
 from utils.mixing import paste, random_boxes
 from utils.optim import autocast, build_optimisation, optimizer_step
 from utils.plots import save_overlays
-from utils.priors import (confident_pseudo_labels, drop_oversized_pseudo_labels,
-                          teacher_probabilities)
+from utils.priors import confident_pseudo_labels, drop_oversized_pseudo_labels, teacher_probabilities
 from utils.runtime import pick_device, seed_epoch, seed_everything, setup
 from utils.teachers import (OwnStatistics, Position, Renormalized, TeacherStudentParts,
                             dual_teacher_pseudo_labels, ema_alpha, ema_update, freeze_encoder_stages,
