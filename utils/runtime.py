@@ -43,20 +43,21 @@ from utils.teachers import pretrain_epoch_count
 PHANTOM_DIRS = {"class": Path("data/phantom"), "instance": Path("data/phantom_instance")}
 
 
+def mode_files(script):
+    """{mode: `configs/<script>_<mode>.yaml`}: the files holding the keys whose default differs in
+    one mode of a script with several (`train_teacher_student.py --mode bcp`)."""
+    return {path.stem[len(script) + 1:]: path for path in sorted(CONFIG_DIR.glob(f"{script}_*.yaml"))}
+
+
 def mode_preset(script, cfg):
-    """`configs/<script>_<mode>.yaml`: the keys whose default differs in one mode of a script with
-    several (`train_teacher_student.py --mode bcp`), where that file exists; None otherwise."""
-    if "mode" not in cfg:
-        return None
-    path = CONFIG_DIR / f"{script}_{cfg.mode}.yaml"
-    return path if path.is_file() else None
+    """The mode file of `cfg.mode` (`mode_files`), or None: no such file, or no `mode` key."""
+    return mode_files(script).get(cfg.mode) if "mode" in cfg else None
 
 
 def mode_defaults_text(script):
     """{key: '--mode bcp: 0.5'}: the defaults that the script's mode files set, for --help."""
     texts = {}
-    for path in sorted(CONFIG_DIR.glob(f"{script}_*.yaml")):
-        mode = path.stem[len(script) + 1:]
+    for mode, path in mode_files(script).items():
         for key, value in read_yaml_chain(path)[0].items():
             texts.setdefault(key, []).append(f"--mode {mode}: {yaml_text(value)}")
     return {key: "; ".join(text) for key, text in texts.items()}
