@@ -163,6 +163,18 @@ def test_bad_checkpoints_exit_2_with_one_line(workdir, trained, capsys):
     state["model_kwargs"]["base"] = 8                          # weights no longer fit
     torch.save(state, workdir / "mismatch.pth")
     assert "weights do not match the attunet network" in one_line_error(capsys, ["--ckpt", "mismatch.pth"])
+
+
+@pytest.mark.parametrize("flag", ["--init_ckpt", "--resume"])
+def test_a_checkpoint_of_another_network_exits_2_naming_both(workdir, trained, tiny_phantom, capsys, flag):
+    """A SegFormer UniMatch run started from, or a SegFormer run resuming, the tiny AttUNet run."""
+    import train_unimatch
+    checkpoint = trained / ("best.pth" if flag == "--init_ckpt" else "last.pth")
+    main = train_unimatch.main if flag == "--init_ckpt" else train_supervised.main
+    err = one_line_error(capsys, TINY + ["--data", str(tiny_phantom), "--out_dir", "other",
+                                         "--model", "segformer_b0", flag, str(checkpoint)], main)
+    assert err.startswith(f"error: {checkpoint}: the checkpoint's network is attunet {{'in_channels': 1")
+    assert "this run builds segformer_b0 {'in_channels': 1" in err
     assert "missing.pth: checkpoint not found" in one_line_error(capsys, ["--ckpt", "missing.pth"])
 
 

@@ -11,7 +11,7 @@ from dataloaders.datasets import (LabeledSlices, UnlabeledSlices, geometric_augm
                                   intensity_augmentation, normalization_stats)
 from networks import build_model
 from utils import distributed
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, require_network
 from utils.errors import InputError
 from utils.instances import instance_targets
 from utils.losses import IGNORE_INDEX
@@ -147,9 +147,7 @@ def semi_supervised_sets(cfg, data, split, norm):
 def load_init_weights(model, path, model_name, model_kwargs, weights="model"):
     """Copy the weights of checkpoint `path` (e.g. a train_supervised.py best.pth) into `model`."""
     state = load_checkpoint(path)
-    if (state["model_name"], state["model_kwargs"]) != (model_name, model_kwargs):
-        raise InputError(f"{path}: checkpoint is a {state['model_name']} {state['model_kwargs']}, "
-                         f"this run builds a {model_name} {model_kwargs}")
+    require_network(state, path, model_name, model_kwargs)
     model.load_state_dict(model_from_checkpoint(state, weights, path).state_dict())
     print(f"Initialised the {weights} weights from {path} (epoch {state['epoch'] + 1}, "
           f"best {state['config']['select_metric']} {state['best_score']:.4f})")

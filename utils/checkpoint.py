@@ -47,6 +47,13 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
+def require_network(state, path, model_name, model_kwargs):
+    """An InputError naming `path` unless its checkpoint `state` holds the network this run builds."""
+    if (state["model_name"], state["model_kwargs"]) != (model_name, model_kwargs):
+        raise InputError(f"{path}: the checkpoint's network is {state['model_name']} {state['model_kwargs']}, "
+                         f"this run builds {model_name} {model_kwargs}")
+
+
 def saved_settings(path):
     """The config a checkpoint's run was trained with and the keys given to it explicitly (None
     when the checkpoint predates that record): what `--resume` continues with."""

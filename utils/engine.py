@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_checkpoint, require_network, save_checkpoint
 from utils.config import RUN_KEYS, config_to_yaml, yaml_text
 from utils.errors import InputError, TrainingDiverged
 from utils.files import atomic_path
@@ -213,10 +213,7 @@ class TrainingRun:
 
     def _restore(self, path):
         state = load_checkpoint(path, map_location=self.device)
-        if state["model_name"] != self.model_name or state["model_kwargs"] != self.model_kwargs:
-            raise InputError(f"{path}: checkpoint is a {state['model_name']} "
-                             f"{state['model_kwargs']}, this run builds a {self.model_name} "
-                             f"{self.model_kwargs}")
+        require_network(state, path, self.model_name, self.model_kwargs)
         for name, module in self.modules.items():
             if name not in state:
                 raise InputError(f"{path}: no '{name}' state to resume from")
