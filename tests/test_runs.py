@@ -271,6 +271,31 @@ def test_a_path_per_seed_pairs_runs_instead_of_forming_arms(tmp_path, capsys):
     assert "one path per seed" not in out and "init_ckpt" not in out.splitlines()[0]
 
 
+def test_a_run_from_another_runs_warm_start_starts_where_that_run_started(tmp_path, capsys, monkeypatch):
+    """The default command (warm start trained inside: `warm_start` true, no `init_ckpt`) against
+    a flag given with `--init_ckpt` of that run's warm_start/best.pth, spelled relative: the same
+    start, so the flag alone forms the arms, with one seed as with two; a run whose warm start
+    folder is gone is told apart by its `init_ckpt` again."""
+    monkeypatch.chdir(tmp_path)
+    for seed, (default, flag) in enumerate(((0.48, 0.50), (0.52, 0.51))):
+        make_run(tmp_path, f"def-s{seed}", seed, default, warm_start=True, init_ckpt="", scale=0.5)
+        (tmp_path / f"def-s{seed}" / "warm_start").mkdir()
+        (tmp_path / f"def-s{seed}" / "warm_start" / "best.pth").write_bytes(b"")
+        make_run(tmp_path, f"flag-s{seed}", seed, flag, warm_start=True,
+                 init_ckpt=f"def-s{seed}/warm_start/best.pth", scale=1)
+    out = run_main(capsys, ["def-s0", "flag-s0"])
+    assert out.splitlines()[0].split()[:3] == ["run", "scale", "seed"]
+    assert "  B scale=1  vs  A scale=0.5:\n    +0.0200 mean over 1 seeds (1/1 ahead): s0 +0.0200" in out
+    out = run_main(capsys, ["def-s*", "flag-s*"])
+    assert "note: init_ckpt: one path per seed, paired with the seed rather than forming arms" in out
+    assert f"def-s1   {tmp_path / 'def-s1/warm_start/best.pth'}  0.5" in out
+    assert "    +0.0050 mean over 2 seeds (1/2 ahead): s0 +0.0200, s1 -0.0100" in out
+    (tmp_path / "def-s0" / "warm_start" / "best.pth").unlink()
+    out = run_main(capsys, ["def-s0", "flag-s0"])
+    assert out.splitlines()[0].split()[:4] == ["run", "init_ckpt", "scale", "seed"]
+    assert "  init_ckpt= scale=0.5: n 1" in out
+
+
 def test_runs_computed_in_different_places_are_noted(tmp_path, capsys):
     """Seed 1 of arm B ran with two threads, seed 0 of arm A was resumed on another machine
     after its first evaluation, seed 1 of arm A predates the record."""

@@ -18,9 +18,12 @@ A run directory holds `config.yaml`, `log.jsonl` and, after `python test.py --ck
    run has one (no scores.json) each run's validation score at its best epoch, marked `[val]`;
 3. paired differences between every two arms with the same kind of score over the seeds both
    have: per seed B - A, their mean and how many seeds B is ahead.
-A setting that holds one path per seed (each seed's own warm start as `init_ckpt`: the same path
-for every run of a seed, another for each seed) belongs to the seed, not to an arm: it is shown in
-the rows and left out of the arms, with a note.
+A run that trained its own warm start (`warm_start`, no `init_ckpt`) started from
+RUN/warm_start/best.pth, and is shown with that `init_ckpt`: a run given `--init_ckpt` of that file
+starts where it started, which is no difference of settings. A setting that holds one path per
+seed (each seed's own warm start as `init_ckpt`: the same path for every run of a seed, another
+for each seed) belongs to the seed, not to an arm: it is shown in the rows and left out of the
+arms, with a note.
 """
 import argparse
 import glob
@@ -101,9 +104,14 @@ def load_run(path):
     header = config_text.partition("\n")[0]
     if header.startswith(METHOD_HEADER) and "method" not in config:  # the script's method (engine)
         config["method"] = header[len(METHOD_HEADER):].strip()
-    if isinstance(config.get("data"), str) and Path(config["data"]).exists():
-        # one folder spelled two ways (relative, absolute) is one setting
-        config["data"] = str(Path(config["data"]).resolve())
+    own_warm_start = path / "warm_start" / "best.pth"
+    if config.get("warm_start") and config.get("init_ckpt") == "" and own_warm_start.is_file():
+        # it started from the supervised run it trained first, as a run given that file would
+        config["init_ckpt"] = str(own_warm_start)
+    for key in ("data", "init_ckpt"):
+        if isinstance(config.get(key), str) and config[key] and Path(config[key]).exists():
+            # one file spelled two ways (relative, absolute) is one setting
+            config[key] = str(Path(config[key]).resolve())
     return {"name": path.name or path.resolve().name, "config": flatten(config), "log": log,
             "scores": scores}
 
