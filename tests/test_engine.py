@@ -1,7 +1,8 @@
 """The training loop around the step (utils/engine.py driven by train_supervised.py): a NaN loss
 stops the run with the last checkpoint intact, early stopping counts evaluations without
 improvement, the poly schedule advances once per optimiser step and the plateau schedule once per
-evaluation, on the selected validation score. Validation scores are scripted so that every
+evaluation, on the selected validation score; BCP says when best.pth is from its copy-paste
+phase. Validation scores are scripted so that every
 expected number can be worked out by hand."""
 import json
 import math
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import train_supervised
+import train_teacher_student
 from utils import engine
 from utils.checkpoint import load_checkpoint
 from utils.engine import Meters, TrainingRun
@@ -119,6 +121,33 @@ def test_early_stopping_counts_evaluations_without_improvement(run_args, monkeyp
     last, best = load_checkpoint("run/last.pth"), load_checkpoint("run/best.pth")
     assert (last["epoch"], last["bad_evaluations"], last["best_score"]) == (4, 2, 0.3)
     assert best["epoch"] == 2                              # the first 0.3
+
+
+# ==== which epoch best.pth holds ====
+BCP_4_EPOCHS = ["--mode", "bcp", "--warm_start", "false", "--pretrain_share", "0.5", "--eval_every", "1",
+                "--early_stop_patience", "0"]
+
+
+@pytest.mark.parametrize("dice, best_epoch", [
+    ([0.9, 0.5, 0.6, 0.7], 1),   # the copy-paste phase (epochs 1-2) validated highest
+    ([0.5, 0.8, 0.8, 0.7], 2),   # an equal score later is no improvement: epoch 2 stays
+    ([0.5, 0.6, 0.6, 0.7], 4)])  # an epoch with pseudo-labels: nothing to say
+def test_bcp_says_when_best_pth_is_from_its_copy_paste_phase(run_args, monkeypatch, capsys, dice,
+                                                              best_epoch):
+    script_scores(monkeypatch, dice)
+    train_teacher_student.main(run_args + BCP_4_EPOCHS + ["--epochs", "4"])
+    out = capsys.readouterr().out
+    assert load_checkpoint("run/best.pth")["epoch"] + 1 == best_epoch
+    note = f"note: best.pth holds epoch {best_epoch}, of the labeled copy-paste phase (epochs 1-2)"
+    assert (note in out) == (best_epoch <= 2)
+
+
+def test_bcp_knows_the_epoch_of_best_pth_after_a_resume(run_args, monkeypatch, capsys):
+    script_scores(monkeypatch, [0.9, 0.5, 0.6, 0.7])  # two evaluations before the resume, two after
+    train_teacher_student.main(run_args + BCP_4_EPOCHS + ["--epochs", "2"])
+    capsys.readouterr()
+    train_teacher_student.main(["--resume", "run/last.pth", "--epochs", "4"])  # best: epoch 1, restored
+    assert "note: best.pth holds epoch 1, of the labeled copy-paste phase" in capsys.readouterr().out
 
 
 # ==== which schedule steps when ====

@@ -330,6 +330,14 @@ class TrainingRun:
         if last or time.time() - self.plotted_at >= cfg.plot_every_seconds:
             self.plot(scores["predictions"])
 
+    def best_epoch(self):
+        """The epoch (counted from 1) whose weights best.pth holds: the first evaluation at the
+        best score, or the last evaluation without a validation split; 0 before any."""
+        if not self.validated:
+            return self.history[-1]["epoch"] if self.history else 0
+        key = f"val_{self.cfg.select_metric}"
+        return next((record["epoch"] for record in self.history if record.get(key) == self.best_score), 0)
+
     def plot(self, predictions):
         """Redraw curves.png and val_examples.png (`predictions`: of the validation slices;
         None without a validation split, which has no examples)."""
