@@ -480,8 +480,9 @@ def main(argv=None):
             run.checkpoint(epoch, scores)
         if run.stopped:
             break
-    if cfg.mode == "bcp" and 0 < run.best_epoch() <= parts.pretrain_epochs:  # README, Methods (bcp)
-        print(f"note: best.pth holds epoch {run.best_epoch()}, of the labeled copy-paste phase (epochs "
+    best_epoch = run.best_epoch()
+    if cfg.mode == "bcp" and 0 < best_epoch <= parts.pretrain_epochs:  # README, Methods (bcp)
+        print(f"note: best.pth holds epoch {best_epoch}, of the labeled copy-paste phase (epochs "
               f"1-{parts.pretrain_epochs}): no epoch with pseudo-labels validated higher; last.pth "
               "holds the final weights")
     run.finish()
